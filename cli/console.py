@@ -1,0 +1,61 @@
+"""Console helpers shared by the commands: one rich console, one-line errors, --debug."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from ctsparse.errors import CtsparseError
+
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class State:
+    debug = False
+
+
+def error_line(message: str) -> None:
+    """One line on stderr, no markup interpretation of user paths."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+
+
+def warn_line(message: str) -> None:
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def handles_errors(func: F) -> F:
+    """Turn library errors into one line and exit code 1; a traceback only with --debug."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except CtsparseError as exc:
+            if State.debug:
+                raise
+            error_line(str(exc).replace("[", r"\["))
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            error_line("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as exc:
+            if State.debug:
+                raise
+            error_line(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)".replace("[", r"\["))
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def is_tty() -> bool:
+    return sys.stdout.isatty()

@@ -1,0 +1,5 @@
+"""`python -m ctsparse` (also what torchrun launches)."""
+
+from ctsparse.cli.main import run
+
+run()

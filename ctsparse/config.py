@@ -1,0 +1,247 @@
+"""One typed config: nested dataclasses loaded from configs/*.yaml, overridden with --set a.b=v.
+
+Unknown keys and values of the wrong type are errors that name the key. Every checkpoint carries
+the resolved config, so predict preprocesses exactly as training did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+from ctsparse.errors import ConfigError
+
+
+@dataclass
+class PreprocessConfig:
+    # None keeps the native grid. Resampling to a common spacing makes a model see the same
+    # anatomy at the same size whatever the scanner's pixel spacing and slice interval were.
+    spacing: list[float] | None = None
+    # HU clip applied to the features: air below -1000 and metal above ~3000 carry no signal for
+    # classification but would dominate a linear normalization.
+    window: list[float] | None = field(default_factory=lambda: [-1000.0, 1000.0])
+    # Keep voxels >= threshold. -500 HU separates body (fat ~ -100, lung parenchyma ~ -850 is
+    # dropped only inside the lungs' air) from room air (-1000) robustly across scanners.
+    threshold: float = -500.0
+    # Upper bound of a HU range, for windows such as bone (threshold=200, threshold_max=3000).
+    threshold_max: float | None = None
+    # Keep only the largest 26-connected component: drops the patient table, blankets and
+    # isolated noise voxels, which otherwise add sites without anatomy.
+    body_mask: bool = True
+    # Crop the grid to the bounding box of kept voxels (smaller dense twin, smaller coordinates).
+    crop: bool = True
+    # "hu": one channel of normalized HU per voxel. "patch": space-to-depth, each kept k^3 block
+    # becomes one site with its k^3 voxel values as channels (up to k^3 fewer sites).
+    features: Literal["hu", "patch"] = "hu"
+    patch_size: int = 2
+    # Normalization: (HU - center) / scale. 1000 maps the window [-1000, 1000] to [-1, 1].
+    hu_center: float = 0.0
+    hu_scale: float = 1000.0
+
+
+@dataclass
+class ModelConfig:
+    # sparse: MinkowskiEngine network on the kept sites. dense: the same topology with Conv3d on
+    # the densified, cropped grid; it exists so that every sparse claim has a dense baseline.
+    backend: Literal["sparse", "dense"] = "sparse"
+    widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    depths: list[int] = field(default_factory=lambda: [1, 1, 1, 1])
+    # cube: 3x3x3 (27 offsets). cross: the 7-offset cross, ~4x fewer kernel-map entries.
+    kernel: Literal["cube", "cross"] = "cube"
+    stem_kernel: int = 3
+    dropout: float = 0.1
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True
+    flip: bool = True  # left-right flips are anatomically plausible for lung findings
+    rotate_deg: float = 10.0
+    scale: list[float] = field(default_factory=lambda: [0.9, 1.1])
+    hu_jitter: float = 20.0  # scanner calibration differs by tens of HU between vendors
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 1
+    balance: Literal["loss", "sampler", "none"] = "loss"
+    metric: Literal["balanced_accuracy", "accuracy", "auroc", "loss"] = "balanced_accuracy"
+    patience: int = 10  # epochs without improvement of `metric` before stopping
+    val_fraction: float = 0.2
+    seed: int = 0
+    grad_clip: float = 5.0
+
+
+@dataclass
+class DataConfig:
+    # None: $CTSPARSE_CACHE/sparse or ~/.cache/ctsparse/sparse
+    cache_dir: str | None = None
+    workers: int = 0
+
+
+@dataclass
+class Config:
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+T = TypeVar("T")
+
+
+def _check(value: Any, tp: Any, key: str) -> Any:
+    """Validate (and lightly coerce, int -> float) one value against a type annotation."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {type(value).__name__}")
+        return _from_dict(typing.cast(type, tp), value, key)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _check(value, option, key)
+            except ConfigError as exc:
+                errors.append(exc.reason)
+        raise ConfigError(key, " or ".join(errors) if errors else "must be null")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(key, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(key, f"expected a list, got {type(value).__name__}")
+        (item,) = typing.get_args(tp)
+        return [_check(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    raise ConfigError(key, f"unsupported type {tp}")  # pragma: no cover - a bug in the schema
+
+
+def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in data:
+        if key not in names:
+            full = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(full, f"unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _check(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    obj = cls(**kwargs)
+    validate_section(obj, prefix)
+    return obj
+
+
+def validate_section(obj: Any, prefix: str) -> None:
+    """Range checks that types cannot express."""
+    p = f"{prefix}." if prefix else ""
+    if isinstance(obj, PreprocessConfig):
+        if obj.patch_size < 1:
+            raise ConfigError(f"{p}patch_size", "must be >= 1")
+        if obj.spacing is not None and (len(obj.spacing) != 3 or min(obj.spacing) <= 0):
+            raise ConfigError(f"{p}spacing", "must be three positive numbers (mm)")
+        if obj.window is not None and (len(obj.window) != 2 or obj.window[0] >= obj.window[1]):
+            raise ConfigError(f"{p}window", "must be [low, high] with low < high")
+        if obj.threshold_max is not None and obj.threshold_max <= obj.threshold:
+            raise ConfigError(f"{p}threshold_max", "must be greater than threshold")
+        if obj.hu_scale <= 0:
+            raise ConfigError(f"{p}hu_scale", "must be > 0")
+    elif isinstance(obj, ModelConfig):
+        if not obj.widths or len(obj.widths) != len(obj.depths):
+            raise ConfigError(f"{p}widths", "widths and depths must be non-empty and equally long")
+        if min(obj.widths) < 1 or min(obj.depths) < 1:
+            raise ConfigError(f"{p}widths", "widths and depths must be >= 1")
+        if obj.stem_kernel not in (1, 3, 5, 7):
+            raise ConfigError(f"{p}stem_kernel", "must be 1, 3, 5 or 7")
+    elif isinstance(obj, AugmentConfig):
+        if len(obj.scale) != 2 or not 0 < obj.scale[0] <= obj.scale[1]:
+            raise ConfigError(f"{p}scale", "must be [min, max] with 0 < min <= max")
+    elif isinstance(obj, TrainConfig):
+        if obj.epochs < 1 or obj.batch_size < 1:
+            raise ConfigError(f"{p}epochs", "epochs and batch_size must be >= 1")
+        if not 0 <= obj.val_fraction < 1:
+            raise ConfigError(f"{p}val_fraction", "must be in [0, 1)")
+        if obj.lr <= 0:
+            raise ConfigError(f"{p}lr", "must be > 0")
+    elif isinstance(obj, DataConfig) and obj.workers < 0:
+        raise ConfigError(f"{p}workers", "must be >= 0")
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    return _from_dict(Config, data)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'train.lr=1e-3' -> ('train.lr', 0.001). Values are parsed as YAML scalars/lists."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(item, "override must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(key, f"cannot parse value {raw!r}: {exc}") from exc
+    return key.strip(), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        key, value = parse_override(item)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(key, f"'{part}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file (if any), then the --set overrides; validated as a whole."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(str(p), "config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(str(p), f"not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(str(p), "top level must be a mapping of sections")
+        data = loaded or {}
+    return from_dict(apply_overrides(data, overrides or []))

@@ -1,0 +1,45 @@
+"""Typed errors. The CLI turns each into one line naming the file (or key) and the problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class CtsparseError(Exception):
+    """Base class for every error the CLI reports as one line without a traceback."""
+
+
+class ScanError(CtsparseError):
+    """A scan that cannot be read or used: missing, corrupt, wrong modality, empty after threshold."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class ConfigError(CtsparseError):
+    """A bad config file, key or value."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        self.key = key
+        self.reason = reason
+        super().__init__(f"config key '{key}': {reason}")
+
+
+class CheckpointError(CtsparseError):
+    """A checkpoint that is missing, unreadable or incompatible with what was asked."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class DatasetError(CtsparseError):
+    """A dataset folder, labels.csv or datalist that cannot be used."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")

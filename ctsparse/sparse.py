@@ -1,0 +1,148 @@
+"""SparseVolume: the kept sites of a CT volume, and its compact on-disk cache format.
+
+A cache file is an uncompressed .npz (coordinates and features dominate; zlib buys little on float
+features and costs decode time every epoch) written to a temporary name and renamed, so a crash
+mid-write never leaves a file that reads back as valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class SparseVolume:
+    """Kept sites of one scan.
+
+    Attributes:
+        coords: int32 (N, 3) site indices on the (cropped, possibly patched) grid, C-contiguous.
+        feats: float32 (N, C) features per site (normalized HU, or k^3 patch values).
+        grid_shape: shape of the grid the coordinates index.
+        affine: 4x4 float64, site index -> RAS+ mm (includes the crop offset and patch stride).
+        params: the preprocessing parameters used (a dict of PreprocessConfig).
+        stats: counts and timings: voxels in, kept, dropped by threshold / body mask, ...
+        source: the path it was read from.
+    """
+
+    coords: npt.NDArray[np.int32]
+    feats: npt.NDArray[np.float32]
+    grid_shape: tuple[int, int, int]
+    affine: npt.NDArray[np.float64]
+    params: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def n_sites(self) -> int:
+        return int(self.coords.shape[0])
+
+    @property
+    def n_channels(self) -> int:
+        return int(self.feats.shape[1])
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        norms = np.linalg.norm(self.affine[:3, :3], axis=0)
+        return (float(norms[0]), float(norms[1]), float(norms[2]))
+
+    @property
+    def occupancy(self) -> float:
+        """Kept sites over grid sites (of the cropped grid the network sees)."""
+        total = int(np.prod(self.grid_shape))
+        return self.n_sites / total if total else 0.0
+
+    def dense(self) -> npt.NDArray[np.float32]:
+        """(C, X, Y, Z) dense array with zeros at dropped sites (the dense twin's input)."""
+        out = np.zeros((self.n_channels, *self.grid_shape), dtype=np.float32)
+        c = self.coords
+        out[:, c[:, 0], c[:, 1], c[:, 2]] = self.feats.T
+        return out
+
+    def nbytes(self) -> int:
+        return int(self.coords.nbytes + self.feats.nbytes)
+
+
+def save_sparse(sv: SparseVolume, path: str | Path) -> None:
+    """Write atomically: temp file in the same folder, fsync, then rename over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": CACHE_FORMAT,
+        "grid_shape": list(sv.grid_shape),
+        "params": sv.params,
+        "stats": sv.stats,
+        "source": sv.source,
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(
+                fh,
+                coords=sv.coords,
+                feats=sv.feats,
+                affine=sv.affine,
+                meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+            )
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_sparse(path: str | Path) -> SparseVolume:
+    """Read a cache file. Raises ValueError if it is not a complete file of the current format."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            if meta.get("format") != CACHE_FORMAT:
+                raise ValueError(f"cache format {meta.get('format')} != {CACHE_FORMAT}")
+            return SparseVolume(
+                coords=np.ascontiguousarray(z["coords"], dtype=np.int32),
+                feats=np.ascontiguousarray(z["feats"], dtype=np.float32),
+                grid_shape=(int(meta["grid_shape"][0]), int(meta["grid_shape"][1]), int(meta["grid_shape"][2])),
+                affine=np.asarray(z["affine"], dtype=np.float64),
+                params=meta["params"],
+                stats=meta["stats"],
+                source=meta["source"],
+            )
+    except (OSError, KeyError, ValueError, EOFError) as exc:
+        raise ValueError(f"invalid cache file {path}: {exc}") from exc
+    except Exception as exc:  # zipfile.BadZipFile and friends from a truncated file
+        raise ValueError(f"invalid cache file {path}: {exc}") from exc
+
+
+def content_key(path: str | Path, params: dict[str, Any]) -> str:
+    """Cache key from the scan's bytes (every file of a DICOM folder) and the preprocessing params.
+
+    Hashing content, not mtimes, means a copied or touched dataset still hits the cache, and a
+    re-exported scan with the same name does not.
+    """
+    h = hashlib.sha256()
+    p = Path(path)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    h.update(json.dumps(params, sort_keys=True).encode())
+    h.update(str(CACHE_FORMAT).encode())
+    return h.hexdigest()[:32]
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("CTSPARSE_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "ctsparse") / "sparse"
