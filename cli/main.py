@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from ctsparse import __version__
-from ctsparse.cli import doctor
+from ctsparse.cli import doctor, predict, train
 from ctsparse.cli.console import State
 
 app = typer.Typer(
@@ -41,6 +41,8 @@ def main(
     State.debug = debug
 
 
+app.command("train")(train.train)
+app.command("predict")(predict.predict)
 app.command("doctor")(doctor.doctor)
 
 

@@ -1,0 +1,67 @@
+"""`ctsparse predict CHECKPOINT SCAN...`: labels, probabilities, per-stage time and memory."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ctsparse.cli.console import console, handles_errors
+from ctsparse.cli.render import add_error_row, fmt_float, fmt_pct, make_table, write_csv, write_json
+
+
+@handles_errors
+def predict(
+    checkpoint: Annotated[Path, typer.Argument(help="A best.pt / last.pt written by `ctsparse train`.")],
+    inputs: Annotated[list[str], typer.Argument(help="NIfTI files, DICOM folders, dataset folders or globs.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write rows to .csv or .json.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Scans per forward pass.")] = 1,
+    series: Annotated[str | None, typer.Option("--series", help="SeriesInstanceUID to take from multi-series folders.")] = None,
+) -> None:
+    """Predict labels for CT scans with a trained checkpoint."""
+    from ctsparse.predict import predict as run_predict
+    from ctsparse.predict import summarize
+
+    if out is not None and out.suffix.lower() not in (".csv", ".json"):
+        raise typer.BadParameter(f"{out}: --out must end in .csv or .json")
+    t0 = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    with console.status("predicting...") as status:
+
+        def on_row(row: dict[str, Any]) -> None:
+            rows.append(row)
+            status.update(f"predicted {len(rows)} scan(s): {Path(row['path']).name}")
+
+        run_predict(checkpoint, inputs, device=device, batch_size=batch_size, series_uid=series, on_row=on_row)
+    summary = summarize(rows, time.perf_counter() - t0)
+    probs = sorted({k for r in rows for k in r if k.startswith("p_")})
+    table = make_table(
+        "predictions",
+        ["scan", "label", *probs, "sites", "occupancy", "read s", "prep s", "model s", "peak RSS MB"],
+        right=[*probs, "sites", "occupancy", "read s", "prep s", "model s", "peak RSS MB"],
+    )
+    for r in rows:
+        if r.get("error"):
+            add_error_row(table, Path(r["path"]).name, r["error"])
+            continue
+        table.add_row(
+            Path(r["path"]).name, r["label"], *[fmt_float(r.get(p), ".3f") for p in probs], str(r["sites"]),
+            fmt_pct(r["occupancy"]), f"{r['time_read_s']:.2f}", f"{r['time_preprocess_s']:.2f}",
+            f"{r['time_model_s']:.2f}", f"{r['peak_rss_mb']:.0f}",
+        )
+    console.print(table)
+    console.print(
+        f"{summary['n_ok']} predicted, {summary['n_failed']} failed in {summary['wall_s']:.1f} s "
+        f"({summary['scans_per_s']:.2f} scans/s); labels {summary['label_counts']}"
+    )
+    if out is not None:
+        if out.suffix.lower() == ".json":
+            write_json(out, {"checkpoint": str(checkpoint), "summary": summary, "rows": rows})
+        else:
+            write_csv(out, rows)
+        console.print(f"wrote {out}")
+    if summary["n_failed"]:
+        raise typer.Exit(1)

@@ -1,0 +1,41 @@
+"""Device selection shared by train, predict and benchmark."""
+
+from __future__ import annotations
+
+import torch
+
+from ctsparse.errors import CtsparseError
+
+
+def me_has_cuda() -> bool:
+    import MinkowskiEngine as ME
+
+    return bool(ME.is_cuda_available())
+
+
+def resolve_device(spec: str = "auto", *, need_me: bool = True) -> torch.device:
+    """'auto' takes CUDA only when both torch and (for the sparse model) MinkowskiEngine have it.
+
+    Args:
+        spec: auto | cpu | cuda | cuda:N
+        need_me: whether the sparse backend (MinkowskiEngine) will run on the device.
+    """
+    spec = spec.strip().lower()
+    cuda_ok = torch.cuda.is_available() and (not need_me or me_has_cuda())
+    if spec == "auto":
+        return torch.device("cuda:0" if cuda_ok else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise CtsparseError(f"--device {spec}: torch sees no CUDA device (torch {torch.__version__})")
+        if need_me and not me_has_cuda():
+            raise CtsparseError(
+                f"--device {spec}: MinkowskiEngine was built CPU-only; rebuild it with a CUDA torch "
+                "and nvcc (bash scripts/setup.sh with CTSPARSE_TORCH set to a CUDA build)"
+            )
+        dev = torch.device(spec)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CtsparseError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return dev
+    raise CtsparseError(f"--device {spec}: expected auto, cpu, cuda or cuda:N")

@@ -1,0 +1,126 @@
+"""Checkpoints: weights + resolved config + class names + preprocessing + versions.
+
+Loaded with torch.load(weights_only=True): only tensors, dicts, lists and scalars are unpickled,
+never arbitrary objects, so a checkpoint from an untrusted source cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import platform
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ctsparse import __version__
+from ctsparse.config import Config, from_dict, to_dict
+from ctsparse.errors import CheckpointError, ConfigError
+
+FORMAT = "ctsparse-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LoadedCheckpoint:
+    config: Config
+    classes: list[str]
+    in_channels: int
+    state_dict: dict[str, torch.Tensor]
+    extra: dict[str, Any]
+
+
+def versions() -> dict[str, str]:
+    out = {"ctsparse": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import MinkowskiEngine as ME
+
+        out["MinkowskiEngine"] = str(ME.__version__)
+    except ImportError:
+        pass
+    return out
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    cfg: Config,
+    classes: list[str],
+    in_channels: int,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Atomic write: a temp file in the same folder, fsync, rename. A crash leaves the old file."""
+    path = Path(path)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "config": to_dict(cfg),
+        "classes": list(classes),
+        "in_channels": int(in_channels),
+        "versions": versions(),
+        "extra": extra or {},
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "checkpoint file not found")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "disallowed object"
+        raise CheckpointError(path, f"refused to load: it contains objects beyond tensors and plain data ({first})") from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(path, f"not a readable checkpoint (truncated or not a torch file): {exc}") from exc
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise CheckpointError(path, "not a ctsparse checkpoint (no 'format' marker)")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(path, f"checkpoint format {raw.get('format_version')}, this ctsparse reads {FORMAT_VERSION}")
+    try:
+        cfg = from_dict(raw["config"])
+    except ConfigError as exc:
+        raise CheckpointError(path, f"its config does not match this ctsparse version: {exc}") from exc
+    return LoadedCheckpoint(cfg, list(raw["classes"]), int(raw["in_channels"]), raw["state_dict"], raw.get("extra", {}))
+
+
+def build_from_checkpoint(path: str | Path, ckpt: LoadedCheckpoint | None = None) -> tuple[torch.nn.Module, LoadedCheckpoint]:
+    """Model with the checkpoint's weights; a mismatch names the differing tensors."""
+    from ctsparse.models import create_model
+
+    ckpt = ckpt or load_checkpoint(path)
+    model = create_model(ckpt.config.model, ckpt.in_channels, len(ckpt.classes))
+    own = model.state_dict()
+    missing = [k for k in own if k not in ckpt.state_dict]
+    unexpected = [k for k in ckpt.state_dict if k not in own]
+    shapes = [
+        f"{k} {tuple(ckpt.state_dict[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in ckpt.state_dict and ckpt.state_dict[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
+        if shapes:
+            parts.append(f"shape mismatch: {shapes[0]}")
+        raise CheckpointError(path, f"weights do not fit the model its config describes: {'; '.join(parts)}")
+    model.load_state_dict(ckpt.state_dict)
+    return model, ckpt
