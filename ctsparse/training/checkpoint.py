@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import platform
 import tempfile
 import zipfile
@@ -35,7 +36,7 @@ class LoadedCheckpoint:
 
 
 def versions() -> dict[str, str]:
-    out = {"ctsparse": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    out = {"ctsparse": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
     try:
         import MinkowskiEngine as ME
 
@@ -81,11 +82,17 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(path, "checkpoint file not found")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
+        raise CheckpointError(path, "not a readable checkpoint (not a torch zip archive: truncated or another format)")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "disallowed object"
-        raise CheckpointError(path, f"refused to load: it contains objects beyond tensors and plain data ({first})") from exc
+        msg = str(exc)
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", msg)
+        if found or "Weights only load failed" in msg:
+            what = f"it references {found.group(1)}" if found else "it holds data the safe (weights-only) loader rejects"
+            raise CheckpointError(path, f"refused to load: {what}; only tensors and plain data are unpickled") from exc
+        raise CheckpointError(path, "not a readable checkpoint (corrupt or not a torch file)") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
         raise CheckpointError(path, f"not a readable checkpoint (truncated or not a torch file): {exc}") from exc
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:

@@ -1,0 +1,66 @@
+"""Typed config: defaults, YAML files, --set overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ctsparse.config import Config, from_dict, load_config, to_dict
+from ctsparse.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_load(name: str) -> None:
+    cfg = load_config(CONFIGS / name)
+    assert isinstance(cfg, Config)
+
+
+def test_overrides_are_typed_and_applied() -> None:
+    cfg = load_config(None, ["train.lr=1e-3", "model.widths=[8, 16]", "model.depths=[2, 2]", "preprocess.threshold=200"])
+    assert cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.model.widths == [8, 16]
+    assert cfg.preprocess.threshold == 200.0 and isinstance(cfg.preprocess.threshold, float)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["train.lrr=1"], "train.lrr"),
+        (["trian.lr=1"], "trian"),
+        (["train.epochs=ten"], "train.epochs"),
+        (["train.epochs=1.5"], "train.epochs"),
+        (["model.backend=conv"], "model.backend"),
+        (["model.widths=[8, x]"], "model.widths[1]"),
+        (["preprocess.body_mask=3"], "preprocess.body_mask"),
+        (["preprocess.threshold_max=-900"], "preprocess.threshold_max"),
+        (["model.widths=[8]"], "model.widths"),
+        (["noequals"], "noequals"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key(overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert info.value.key == key
+    assert key in str(info.value)
+
+
+def test_bad_yaml_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  widths: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("model:\n  depth: [1]\n")
+    with pytest.raises(ConfigError, match=r"model\.depth"):
+        load_config(unknown)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_round_trip_through_dict() -> None:
+    cfg = load_config(CONFIGS / "default.yaml", ["train.seed=7"])
+    assert to_dict(from_dict(to_dict(cfg))) == to_dict(cfg)
+    assert cfg.train.seed == 7
