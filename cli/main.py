@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from ctsparse import __version__
-from ctsparse.cli import doctor, predict, train
+from ctsparse.cli import benchmark, doctor, predict, train
 from ctsparse.cli.console import State
 
 app = typer.Typer(
@@ -43,6 +43,7 @@ def main(
 
 app.command("train")(train.train)
 app.command("predict")(predict.predict)
+app.command("benchmark")(benchmark.benchmark)
 app.command("doctor")(doctor.doctor)
 
 

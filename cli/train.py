@@ -63,6 +63,8 @@ class TrainDisplay:
                 f"acc {fmt_pct(info['val_accuracy'])}  AUROC {fmt_float(info['val_auroc'], '.3f')}  "
                 f"{info['epoch_time_s']:.1f}s  peak RSS {info['peak_rss_mb']:.0f} MB" + ("  *best" if info["improved"] else "")
             )
+        elif kind == "budget_stop":
+            p.console.print(f"stopped at epoch {info['epoch']}: the time budget is spent ({info['minutes']:.1f} min)")
         elif kind == "early_stop":
             p.console.print(f"early stop at epoch {info['epoch']} (no improvement for {info['patience']} epochs)")
 

@@ -80,6 +80,9 @@ class TrainConfig:
     val_fraction: float = 0.2
     seed: int = 0
     grad_clip: float = 5.0
+    # Wall-clock budget: stop at the first epoch boundary where another epoch would exceed it.
+    # Lets the sparse model and its dense twin be compared at the same training budget.
+    max_minutes: float | None = None
 
 
 @dataclass

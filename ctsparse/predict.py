@@ -46,14 +46,6 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[tuple[Path, str | None]]
     return out
 
 
-def _rss_reset() -> None:
-    from ctsparse import profiling
-
-    reset = getattr(profiling, "reset_peak_rss", None)
-    if reset is not None:
-        reset()
-
-
 def predict(
     checkpoint: str | Path,
     inputs: Iterable[str | Path],
@@ -64,7 +56,7 @@ def predict(
     on_row: Callable[[Row], None] | None = None,
 ) -> list[Row]:
     from ctsparse.io import read_volume
-    from ctsparse.profiling import peak_rss_bytes
+    from ctsparse.profiling import peak_memory
     from ctsparse.sparsify import sparsify
 
     model, ckpt = build_from_checkpoint(checkpoint)
@@ -81,11 +73,11 @@ def predict(
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with peak_memory() as mem, torch.no_grad():
             batch = collate(svs, None, cfg.model.backend, dev, stride_multiple(cfg))
             probs = torch.softmax(model(batch.inputs).float(), dim=1).cpu().numpy()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
         seconds = time.perf_counter() - t0
         total_sites = sum(sv.n_sites for sv in svs) or 1
         for (row, sv), p in zip(pending, probs, strict=True):
@@ -95,7 +87,8 @@ def predict(
             # a batch's model time is shared out by sites, the quantity it scales with
             row["time_model_s"] = seconds * sv.n_sites / total_sites
             row["time_total_s"] = row["time_read_s"] + row["time_preprocess_s"] + row["time_model_s"]
-            row["peak_rss_mb"] = peak_rss_bytes() / 2**20
+            # process RSS peak over this scan's read + preprocess and its batch's forward pass
+            row["peak_rss_mb"] = max(row.pop("_peak_prep_bytes"), mem.peak_bytes) / 2**20
             if dev.type == "cuda":
                 row["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
             rows.append(row)
@@ -107,13 +100,14 @@ def predict(
         row: Row = {"path": str(path), "error": err}
         if err is None:
             try:
-                _rss_reset()
-                t0 = time.perf_counter()
-                volume = read_volume(path, series_uid=series_uid)
-                t1 = time.perf_counter()
-                sv = sparsify(volume, cfg.preprocess)
-                t2 = time.perf_counter()
-                del volume
+                with peak_memory() as prep_mem:
+                    t0 = time.perf_counter()
+                    volume = read_volume(path, series_uid=series_uid)
+                    t1 = time.perf_counter()
+                    sv = sparsify(volume, cfg.preprocess)
+                    t2 = time.perf_counter()
+                    del volume
+                row["_peak_prep_bytes"] = prep_mem.peak_bytes
                 row.update({"time_read_s": t1 - t0, "time_preprocess_s": t2 - t1, "sites": sv.n_sites,
                             "occupancy": sv.occupancy, "grid": "x".join(map(str, sv.grid_shape))})
                 if sv.n_channels != ckpt.in_channels:

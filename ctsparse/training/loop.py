@@ -151,6 +151,7 @@ def train(
                    "start_epoch": start_epoch, "epochs": cfg.train.epochs, "skipped": len(skipped)})
     epoch = start_epoch - 1
     interrupted = False
+    t_start = time.perf_counter()
     try:
         for epoch in range(start_epoch, cfg.train.epochs + 1):
             t0 = time.perf_counter()
@@ -184,6 +185,11 @@ def train(
             if stop["flag"]:
                 interrupted = True
                 break
+            if cfg.train.max_minutes is not None:
+                spent = time.perf_counter() - t_start
+                if spent + spent / (epoch - start_epoch + 1) > 60 * cfg.train.max_minutes:
+                    emit("budget_stop", {"epoch": epoch, "minutes": spent / 60})
+                    break
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,100 @@
+"""Quality benchmark: sparse classifier vs its dense twin on phantoms, same data, same budget.
+
+    python benchmarks/quality.py --work /tmp/ctsparse-quality [--n-train 300] [--n-test 100] [--minutes 20]
+
+1. `ctsparse phantoms` makes a balanced training set (seed 1) and a held-out test set (seed 2).
+2. `ctsparse train` trains the sparse model, then the dense twin, each with the same wall-clock
+   budget (train.max_minutes) and the same config apart from model.backend.
+3. `ctsparse predict` classifies the test set with each best.pt; accuracy is computed against the
+   test labels. Each command runs in its own process, so peak RSS figures do not mix.
+Writes results.json and a Markdown table to the work folder and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CTSPARSE = [sys.executable, "-m", "ctsparse"]
+
+
+def run(args: list[str]) -> float:
+    print("+", " ".join(args), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(args, check=True)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--n-train", type=int, default=300)
+    ap.add_argument("--n-test", type=int, default=100)
+    ap.add_argument("--minutes", type=float, default=20.0)
+    ap.add_argument("--config", default="configs/phantom.yaml")
+    ap.add_argument("--backends", default="sparse,dense")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    args = ap.parse_args()
+    work: Path = args.work
+    train_dir, test_dir = work / "train", work / "test"
+    if not (train_dir / "labels.csv").exists():
+        run([*CTSPARSE, "phantoms", str(train_dir), "--n", str(args.n_train), "--seed", "1"])
+    if not (test_dir / "labels.csv").exists():
+        run([*CTSPARSE, "phantoms", str(test_dir), "--n", str(args.n_test), "--seed", "2"])
+    with open(test_dir / "labels.csv") as fh:
+        truth = {str((test_dir / r["path"]).resolve()): r["label"] for r in csv.DictReader(fh)}
+
+    results = {}
+    for backend in args.backends.split(","):
+        run_dir = work / f"run-{backend}"
+        sets = [f"model.backend={backend}", f"train.max_minutes={args.minutes}"]
+        for o in args.overrides:
+            sets.append(o)
+        train_s = run([*CTSPARSE, "train", str(train_dir), "--config", args.config, "--out", str(run_dir),
+                       "--overwrite", *[x for s in sets for x in ("--set", s)]])
+        history = list(csv.DictReader(open(run_dir / "history.csv")))
+        pred_json = run_dir / "test_predictions.json"
+        subprocess.run([*CTSPARSE, "predict", str(run_dir / "best.pt"), str(test_dir), "--out", str(pred_json)],
+                       check=False)
+        rows = json.loads(pred_json.read_text())["rows"]
+        ok = [r for r in rows if not r.get("error")]
+        correct = sum(truth[str(Path(r["path"]).resolve())] == r["label"] for r in ok)
+        results[backend] = {
+            "test_accuracy": correct / len(truth),
+            "test_scans": len(truth),
+            "failed": len(rows) - len(ok),
+            "epochs": len(history),
+            "train_wall_s": train_s,
+            "train_peak_rss_mb": max(float(h["peak_rss_mb"]) for h in history),
+            "val_accuracy_last": float(history[-1]["val_accuracy"]),
+            "infer_model_s_median": statistics.median(r["time_model_s"] for r in ok),
+            "infer_total_s_median": statistics.median(r["time_total_s"] for r in ok),
+            "predict_peak_rss_mb": max(r["peak_rss_mb"] for r in ok),
+            "sites_median": statistics.median(r["sites"] for r in ok),
+            "occupancy_median": statistics.median(r["occupancy"] for r in ok),
+        }
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+    lines = [
+        "| backend | test accuracy | epochs in budget | train wall | train peak RSS | model time / scan (median) "
+        "| predict total / scan | predict peak RSS | sites (median) | occupancy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for b, r in results.items():
+        lines.append(
+            f"| {b} | {100 * r['test_accuracy']:.1f}% ({r['test_scans']} scans) | {r['epochs']} | {r['train_wall_s'] / 60:.1f} min "
+            f"| {r['train_peak_rss_mb']:.0f} MB | {1000 * r['infer_model_s_median']:.0f} ms | {1000 * r['infer_total_s_median']:.0f} ms "
+            f"| {r['predict_peak_rss_mb']:.0f} MB | {r['sites_median']:.0f} | {100 * r['occupancy_median']:.1f}% |"
+        )
+    table = "\n".join(lines)
+    (work / "results.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

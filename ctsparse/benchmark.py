@@ -1,0 +1,192 @@
+"""Sparse model against its dense twin, side by side: same input, same device, same threads.
+
+For each case (a SparseVolume at some occupancy or spacing) both backends are built from the same
+ModelConfig and timed in the same process, alternating, so machine noise hits both alike:
+forward (median of N after warm-up, input construction included because a user pays for it),
+one training step (forward + backward + AdamW step), and the peak RSS during a forward pass.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from ctsparse.collate import collate_dense, collate_sparse
+from ctsparse.config import ModelConfig, PreprocessConfig
+from ctsparse.models import create_model
+from ctsparse.profiling import peak_memory
+from ctsparse.sparse import SparseVolume
+from ctsparse.volume import Volume
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _time(fn: Callable[[], Any], runs: int, warmup: int, dev: torch.device) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(dev)
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _runner(model: torch.nn.Module, backend: str, sv: SparseVolume, dev: torch.device, multiple: int
+            ) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    def make() -> Any:
+        return collate_sparse([sv], dev) if backend == "sparse" else collate_dense([sv], dev, multiple)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    target = torch.zeros(1, dtype=torch.long, device=dev)
+
+    @torch.no_grad()
+    def forward() -> Any:
+        model.eval()
+        return model(make())
+
+    def step() -> Any:
+        model.train()
+        loss = torch.nn.functional.cross_entropy(model(make()), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return forward, step
+
+
+def compare(sv: SparseVolume, model_cfg: ModelConfig, dev: torch.device, runs: int = 5, warmup: int = 1,
+            train_step: bool = True) -> dict[str, Any]:
+    """Time and memory of both backends on one input; dense is skipped (with the reason) if it fails."""
+    multiple = 2 ** (len(model_cfg.widths) - 1)
+    grid = np.asarray(sv.grid_shape)
+    dense_grid = (-(-grid // multiple) * multiple).tolist()
+    row: dict[str, Any] = {"sites": sv.n_sites, "occupancy": sv.occupancy, "grid": "x".join(map(str, sv.grid_shape)),
+                           "channels": sv.n_channels, "threads": torch.get_num_threads(), "device": str(dev)}
+    for backend in ("sparse", "dense"):
+        torch.manual_seed(0)
+        model = create_model(replace(model_cfg, backend=backend), sv.n_channels, 2).to(dev)  # type: ignore[arg-type]
+        forward, step = _runner(model, backend, sv, dev, multiple)
+        try:
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            with peak_memory() as mem:
+                forward()
+            times = _time(forward, runs, warmup, dev)
+            row[f"{backend}_forward_s"] = statistics.median(times)
+            row[f"{backend}_forward_all_s"] = times
+            row[f"{backend}_peak_rss_mb"] = mem.peak_bytes / 2**20
+            row[f"{backend}_forward_extra_mb"] = mem.delta_bytes / 2**20
+            if dev.type == "cuda":
+                row[f"{backend}_peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+            if train_step:
+                row[f"{backend}_train_step_s"] = statistics.median(_time(step, max(1, runs // 2), 1, dev))
+        except (RuntimeError, MemoryError) as exc:  # e.g. the dense grid does not fit in memory
+            row[f"{backend}_error"] = str(exc).splitlines()[0][:200]
+        del model, forward, step
+    if "sparse_forward_s" in row and "dense_forward_s" in row:
+        row["speedup"] = row["dense_forward_s"] / row["sparse_forward_s"]
+        row["ideal_sparse_s"] = sv.occupancy * row["dense_forward_s"]
+        row["sparse_over_ideal"] = row["sparse_forward_s"] / row["ideal_sparse_s"] if row["ideal_sparse_s"] else None
+    row["dense_grid"] = "x".join(map(str, dense_grid))
+    return row
+
+
+def threshold_cases(volume: Volume, cfg: PreprocessConfig, thresholds: Sequence[float]) -> list[tuple[str, SparseVolume]]:
+    """Occupancy sweep through the HU threshold. The crop is fixed to the body's bounding box at
+    the lowest threshold so that every case has the same dense grid (only occupancy changes)."""
+    from ctsparse.sparsify import sparsify
+
+    base = sparsify(volume, replace(cfg, threshold=min(thresholds), threshold_max=None))
+    out = []
+    for t in thresholds:
+        sv = sparsify(volume, replace(cfg, threshold=t, threshold_max=None, crop=False))
+        out.append((f"threshold {t:g} HU", _recrop(sv, base, cfg)))
+    return out
+
+
+def _recrop(sv: SparseVolume, base: SparseVolume, cfg: PreprocessConfig) -> SparseVolume:
+    """Express `sv` (uncropped) on `base`'s cropped grid."""
+    offset = np.rint(np.linalg.solve(sv.affine, base.affine[:, 3])[:3]).astype(np.int64)
+    coords = sv.coords.astype(np.int64) - offset
+    keep = np.all((coords >= 0) & (coords < np.asarray(base.grid_shape)), axis=1)
+    return replace(sv, coords=np.ascontiguousarray(coords[keep], dtype=np.int32), feats=sv.feats[keep],
+                   grid_shape=base.grid_shape, affine=base.affine)
+
+
+def fill_cases(sv: SparseVolume, fills: Sequence[float], seed: int = 0) -> list[tuple[str, SparseVolume]]:
+    """Synthetic occupancy levels on `sv`'s grid: its kept sites thinned or padded at random."""
+    rng = np.random.default_rng(seed)
+    total = int(np.prod(sv.grid_shape))
+    out = []
+    for f in fills:
+        n = max(1, int(round(f * total)))
+        flat = rng.choice(total, size=n, replace=False)
+        coords = np.ascontiguousarray(np.stack(np.unravel_index(np.sort(flat), sv.grid_shape), 1), dtype=np.int32)
+        feats = rng.standard_normal((n, sv.n_channels)).astype(np.float32) * 0.3
+        out.append((f"fill {100 * f:g}%", replace(sv, coords=coords, feats=feats)))
+    return out
+
+
+def layer_profile(sv: SparseVolume, model_cfg: ModelConfig, dev: torch.device, runs: int = 3) -> dict[str, float]:
+    """Where the sparse forward pass spends its time (medians over `runs`, seconds).
+
+    tensor build = SparseTensor construction (coordinate hashing); kernel maps = first-pass minus
+    cached-pass time of the convolutions (ME builds kernel maps lazily and caches them per
+    coordinate manager); the rest is grouped by layer type through forward hooks.
+    """
+    model = create_model(replace(model_cfg, backend="sparse"), sv.n_channels, 2).to(dev).eval()  # type: ignore[arg-type]
+    groups: dict[str, list[float]] = {}
+    starts: dict[int, float] = {}
+
+    def group(m: torch.nn.Module) -> str:
+        name = type(m).__name__
+        if "Convolution" in name:
+            return "convolutions"
+        if "Norm" in name or "ReLU" in name:
+            return "norm/activation"
+        if "Pooling" in name:
+            return "pooling"
+        return "head"
+
+    def pre(m: torch.nn.Module, _: Any) -> None:
+        _sync(dev)
+        starts[id(m)] = time.perf_counter()
+
+    def post(m: torch.nn.Module, _: Any, __: Any) -> None:
+        _sync(dev)
+        current[group(m)] = current.get(group(m), 0.0) + time.perf_counter() - starts[id(m)]
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [h for m in leaves for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    current: dict[str, float] = {}
+    with torch.no_grad():
+        for _ in range(runs + 1):
+            t0 = time.perf_counter()
+            x = collate_sparse([sv], dev)
+            build = time.perf_counter() - t0
+            current = {}
+            model(x)
+            first_conv = current.get("convolutions", 0.0)
+            current = {}
+            model(x)  # same coordinate manager: kernel maps are cached now
+            cached = dict(current)
+            cached["tensor build"] = build
+            cached["kernel maps"] = max(0.0, first_conv - cached.get("convolutions", 0.0))
+            for k, v in cached.items():
+                groups.setdefault(k, []).append(v)
+    for h in handles:
+        h.remove()
+    return {k: statistics.median(v[1:]) for k, v in groups.items()}
