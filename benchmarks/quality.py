@@ -56,12 +56,26 @@ def main() -> None:
         sets = [f"model.backend={backend}", f"train.max_minutes={args.minutes}"]
         for o in args.overrides:
             sets.append(o)
-        train_s = run([*CTSPARSE, "train", str(train_dir), "--config", args.config, "--out", str(run_dir),
-                       "--overwrite", *[x for s in sets for x in ("--set", s)]])
-        history = list(csv.DictReader(open(run_dir / "history.csv")))
+        train_s = run(
+            [
+                *CTSPARSE,
+                "train",
+                str(train_dir),
+                "--config",
+                args.config,
+                "--out",
+                str(run_dir),
+                "--overwrite",
+                *[x for s in sets for x in ("--set", s)],
+            ]
+        )
+        with open(run_dir / "history.csv") as fh:
+            history = list(csv.DictReader(fh))
         pred_json = run_dir / "test_predictions.json"
-        subprocess.run([*CTSPARSE, "predict", str(run_dir / "best.pt"), str(test_dir), "--out", str(pred_json)],
-                       check=False)
+        subprocess.run(
+            [*CTSPARSE, "predict", str(run_dir / "best.pt"), str(test_dir), "--out", str(pred_json)],
+            check=False,
+        )
         rows = json.loads(pred_json.read_text())["rows"]
         ok = [r for r in rows if not r.get("error")]
         correct = sum(truth[str(Path(r["path"]).resolve())] == r["label"] for r in ok)
@@ -81,15 +95,18 @@ def main() -> None:
         }
     (work / "results.json").write_text(json.dumps(results, indent=1))
     lines = [
-        "| backend | test accuracy | epochs in budget | train wall | train peak RSS | model time / scan (median) "
-        "| predict total / scan | predict peak RSS | sites (median) | occupancy |",
+        "| backend | test accuracy | epochs in budget | train wall | train peak RSS "
+        "| model time / scan (median) | predict total / scan | predict peak RSS "
+        "| sites (median) | occupancy |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for b, r in results.items():
         lines.append(
-            f"| {b} | {100 * r['test_accuracy']:.1f}% ({r['test_scans']} scans) | {r['epochs']} | {r['train_wall_s'] / 60:.1f} min "
-            f"| {r['train_peak_rss_mb']:.0f} MB | {1000 * r['infer_model_s_median']:.0f} ms | {1000 * r['infer_total_s_median']:.0f} ms "
-            f"| {r['predict_peak_rss_mb']:.0f} MB | {r['sites_median']:.0f} | {100 * r['occupancy_median']:.1f}% |"
+            f"| {b} | {100 * r['test_accuracy']:.1f}% ({r['test_scans']} scans) | {r['epochs']} "
+            f"| {r['train_wall_s'] / 60:.1f} min | {r['train_peak_rss_mb']:.0f} MB "
+            f"| {1000 * r['infer_model_s_median']:.0f} ms | {1000 * r['infer_total_s_median']:.0f} ms "
+            f"| {r['predict_peak_rss_mb']:.0f} MB | {r['sites_median']:.0f} "
+            f"| {100 * r['occupancy_median']:.1f}% |"
         )
     table = "\n".join(lines)
     (work / "results.md").write_text(table + "\n")

@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ctsparse.cli.console import console, handles_errors
-from ctsparse.cli.render import atomic_path, fmt_float, fmt_pct, make_table, write_json
+from .console import console, handles_errors
+from .render import atomic_path, fmt_float, fmt_pct, make_table, write_json
 
 DEFAULT_THRESHOLDS = "-500,-300,-100,100,200,400"
 DEFAULT_FILLS = "0.02,0.05,0.1,0.2,0.4"
@@ -34,7 +34,9 @@ def _plot(rows: list[dict[str, Any]], target: Path) -> None:
     dense = [(100 * r["occupancy"], r["dense_forward_s"]) for r in pts if "dense_forward_s" in r]
     if dense:
         a1.plot(*zip(*dense, strict=True), "s-", label="dense twin (Conv3d)")
-        a1.plot(occ, [r.get("ideal_sparse_s", float("nan")) for r in pts], ":", label="ideal = occupancy x dense")
+        a1.plot(
+            occ, [r.get("ideal_sparse_s", float("nan")) for r in pts], ":", label="ideal = occupancy x dense"
+        )
     a1.set_xlabel("occupancy (%)")
     a1.set_ylabel("forward time (s, median)")
     a1.legend()
@@ -53,16 +55,28 @@ def _plot(rows: list[dict[str, Any]], target: Path) -> None:
 
 @handles_errors
 def benchmark(
-    scans: Annotated[list[Path] | None, typer.Argument(help="Scans to benchmark on; default: one phantom.")] = None,
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (model + preprocessing).")] = None,
+    scans: Annotated[
+        list[Path] | None, typer.Argument(help="Scans to benchmark on; default: one phantom.")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML config (model + preprocessing).")
+    ] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Config override key=value.")] = None,
-    thresholds: Annotated[str, typer.Option(help="HU thresholds of the occupancy sweep.")] = DEFAULT_THRESHOLDS,
-    fills: Annotated[str, typer.Option(help="Synthetic fill levels (fractions); empty to skip.")] = DEFAULT_FILLS,
-    spacings: Annotated[str, typer.Option(help="Isotropic spacings (mm) of the resolution sweep; empty to skip.")] = "",
+    thresholds: Annotated[
+        str, typer.Option(help="HU thresholds of the occupancy sweep.")
+    ] = DEFAULT_THRESHOLDS,
+    fills: Annotated[
+        str, typer.Option(help="Synthetic fill levels (fractions); empty to skip.")
+    ] = DEFAULT_FILLS,
+    spacings: Annotated[
+        str, typer.Option(help="Isotropic spacings (mm) of the resolution sweep; empty to skip.")
+    ] = "",
     runs: Annotated[int, typer.Option(min=1, help="Timed runs per case (median reported).")] = 5,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: torch's).")] = None,
-    no_train_step: Annotated[bool, typer.Option("--no-train-step", help="Skip the training-step timing.")] = False,
+    no_train_step: Annotated[
+        bool, typer.Option("--no-train-step", help="Skip the training-step timing.")
+    ] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write all rows to JSON.")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="PNG of time and memory vs occupancy.")] = None,
 ) -> None:
@@ -99,40 +113,79 @@ def benchmark(
             cases.append((f"spacing {s:g} mm", sparsify(vol, replace(cfg.preprocess, spacing=[s, s, s]))))
         for name, sv in cases:
             with console.status(f"{Path(vol.source).name}: {name} ({sv.n_sites} sites)"):
-                row = {"scan": vol.source, "case": name, **bench.compare(sv, cfg.model, dev, runs, 1, not no_train_step)}
+                row = {
+                    "scan": vol.source,
+                    "case": name,
+                    **bench.compare(sv, cfg.model, dev, runs, 1, not no_train_step),
+                }
             rows.append(row)
             console.print(
-                f"{name:>18}: occupancy {fmt_pct(row['occupancy'])}  sparse {fmt_float(row.get('sparse_forward_s'), '.3f')} s"
-                f"  dense {fmt_float(row.get('dense_forward_s'), '.3f')} s  speed-up x{fmt_float(row.get('speedup'), '.2f')}"
+                f"{name:>18}: occupancy {fmt_pct(row['occupancy'])}  "
+                f"sparse {fmt_float(row.get('sparse_forward_s'), '.3f')} s  "
+                f"dense {fmt_float(row.get('dense_forward_s'), '.3f')} s  "
+                f"speed-up x{fmt_float(row.get('speedup'), '.2f')}"
             )
         layers = bench.layer_profile(base, cfg.model, dev)
-        rows.append({"scan": vol.source, "case": "sparse layer profile", "layers": layers, "sites": base.n_sites})
+        rows.append(
+            {"scan": vol.source, "case": "sparse layer profile", "layers": layers, "sites": base.n_sites}
+        )
     table = make_table(
         f"sparse vs dense twin ({dev}, {torch.get_num_threads()} threads, median of {runs})",
-        ["case", "sites", "occupancy", "sparse fwd s", "dense fwd s", "speed-up", "x ideal", "sparse step s",
-         "dense step s", "sparse MB", "dense MB"],
-        right=["sites", "occupancy", "sparse fwd s", "dense fwd s", "speed-up", "x ideal", "sparse step s",
-               "dense step s", "sparse MB", "dense MB"],
+        [
+            "case",
+            "sites",
+            "occupancy",
+            "sparse fwd s",
+            "dense fwd s",
+            "speed-up",
+            "x ideal",
+            "sparse step s",
+            "dense step s",
+            "sparse MB",
+            "dense MB",
+        ],
+        right=[
+            "sites",
+            "occupancy",
+            "sparse fwd s",
+            "dense fwd s",
+            "speed-up",
+            "x ideal",
+            "sparse step s",
+            "dense step s",
+            "sparse MB",
+            "dense MB",
+        ],
     )
     for r in rows:
         if "layers" in r:
             continue
         table.add_row(
-            r["case"], str(r["sites"]), fmt_pct(r["occupancy"]), fmt_float(r.get("sparse_forward_s"), ".3f"),
-            fmt_float(r.get("dense_forward_s"), ".3f"), fmt_float(r.get("speedup"), ".2f"),
-            fmt_float(r.get("sparse_over_ideal"), ".1f"), fmt_float(r.get("sparse_train_step_s"), ".3f"),
-            fmt_float(r.get("dense_train_step_s"), ".3f"), fmt_float(r.get("sparse_peak_rss_mb"), ".0f"),
+            r["case"],
+            str(r["sites"]),
+            fmt_pct(r["occupancy"]),
+            fmt_float(r.get("sparse_forward_s"), ".3f"),
+            fmt_float(r.get("dense_forward_s"), ".3f"),
+            fmt_float(r.get("speedup"), ".2f"),
+            fmt_float(r.get("sparse_over_ideal"), ".1f"),
+            fmt_float(r.get("sparse_train_step_s"), ".3f"),
+            fmt_float(r.get("dense_train_step_s"), ".3f"),
+            fmt_float(r.get("sparse_peak_rss_mb"), ".0f"),
             fmt_float(r.get("dense_peak_rss_mb"), ".0f") if "dense_error" not in r else "failed",
         )
     console.print(table)
     for r in rows:
         if "layers" in r:
             total = sum(r["layers"].values()) or 1.0
-            parts = ", ".join(f"{k} {v * 1000:.1f} ms ({100 * v / total:.0f}%)" for k, v in
-                              sorted(r["layers"].items(), key=lambda kv: -kv[1]))
+            parts = ", ".join(
+                f"{k} {v * 1000:.1f} ms ({100 * v / total:.0f}%)"
+                for k, v in sorted(r["layers"].items(), key=lambda kv: -kv[1])
+            )
             console.print(f"sparse forward, where the time goes ({r['sites']} sites): {parts}")
     if json_out:
-        write_json(json_out, {"device": str(dev), "threads": torch.get_num_threads(), "runs": runs, "rows": rows})
+        write_json(
+            json_out, {"device": str(dev), "threads": torch.get_num_threads(), "runs": runs, "rows": rows}
+        )
         console.print(f"wrote {json_out}")
     if plot:
         _plot([r for r in rows if "layers" not in r], plot)

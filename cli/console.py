@@ -51,7 +51,9 @@ def handles_errors(func: F) -> F:
         except Exception as exc:
             if State.debug:
                 raise
-            error_line(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)".replace("[", r"\["))
+            error_line(
+                f"{type(exc).__name__}: {exc} (run with --debug for the traceback)".replace("[", r"\[")
+            )
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]

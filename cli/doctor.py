@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from ctsparse.cli.console import console, error_line, handles_errors
+from .console import console, error_line, handles_errors
 
 
 @handles_errors

@@ -11,8 +11,9 @@ from typing import Annotated
 import typer
 
 from ctsparse import __version__
-from ctsparse.cli import benchmark, doctor, predict, train
-from ctsparse.cli.console import State
+
+from . import benchmark, doctor, phantoms, predict, profile, train
+from .console import State
 
 app = typer.Typer(
     name="ctsparse",
@@ -43,7 +44,9 @@ def main(
 
 app.command("train")(train.train)
 app.command("predict")(predict.predict)
+app.command("profile")(profile.profile)
 app.command("benchmark")(benchmark.benchmark)
+app.command("phantoms")(phantoms.phantoms)
 app.command("doctor")(doctor.doctor)
 
 

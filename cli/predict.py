@@ -8,18 +8,22 @@ from typing import Annotated, Any
 
 import typer
 
-from ctsparse.cli.console import console, handles_errors
-from ctsparse.cli.render import add_error_row, fmt_float, fmt_pct, make_table, write_csv, write_json
+from .console import console, handles_errors
+from .render import add_error_row, fmt_float, fmt_pct, make_table, write_csv, write_json
 
 
 @handles_errors
 def predict(
     checkpoint: Annotated[Path, typer.Argument(help="A best.pt / last.pt written by `ctsparse train`.")],
-    inputs: Annotated[list[str], typer.Argument(help="NIfTI files, DICOM folders, dataset folders or globs.")],
+    inputs: Annotated[
+        list[str], typer.Argument(help="NIfTI files, DICOM folders, dataset folders or globs.")
+    ],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write rows to .csv or .json.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Scans per forward pass.")] = 1,
-    series: Annotated[str | None, typer.Option("--series", help="SeriesInstanceUID to take from multi-series folders.")] = None,
+    series: Annotated[
+        str | None, typer.Option("--series", help="SeriesInstanceUID to take from multi-series folders.")
+    ] = None,
 ) -> None:
     """Predict labels for CT scans with a trained checkpoint."""
     from ctsparse.predict import predict as run_predict
@@ -35,7 +39,9 @@ def predict(
             rows.append(row)
             status.update(f"predicted {len(rows)} scan(s): {Path(row['path']).name}")
 
-        run_predict(checkpoint, inputs, device=device, batch_size=batch_size, series_uid=series, on_row=on_row)
+        run_predict(
+            checkpoint, inputs, device=device, batch_size=batch_size, series_uid=series, on_row=on_row
+        )
     summary = summarize(rows, time.perf_counter() - t0)
     probs = sorted({k for r in rows for k in r if k.startswith("p_")})
     table = make_table(
@@ -48,9 +54,15 @@ def predict(
             add_error_row(table, Path(r["path"]).name, r["error"])
             continue
         table.add_row(
-            Path(r["path"]).name, r["label"], *[fmt_float(r.get(p), ".3f") for p in probs], str(r["sites"]),
-            fmt_pct(r["occupancy"]), f"{r['time_read_s']:.2f}", f"{r['time_preprocess_s']:.2f}",
-            f"{r['time_model_s']:.2f}", f"{r['peak_rss_mb']:.0f}",
+            Path(r["path"]).name,
+            r["label"],
+            *[fmt_float(r.get(p), ".3f") for p in probs],
+            str(r["sites"]),
+            fmt_pct(r["occupancy"]),
+            f"{r['time_read_s']:.2f}",
+            f"{r['time_preprocess_s']:.2f}",
+            f"{r['time_model_s']:.2f}",
+            f"{r['peak_rss_mb']:.0f}",
         )
     console.print(table)
     console.print(

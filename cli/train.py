@@ -6,11 +6,19 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
-from ctsparse.cli.console import console, handles_errors, warn_line
-from ctsparse.cli.render import fmt_float, fmt_pct, make_table
 from ctsparse.errors import CtsparseError
+
+from .console import console, handles_errors, warn_line
+from .render import fmt_float, fmt_pct, make_table
 
 RUN_FILES = ("best.pt", "last.pt", "history.csv", "metrics.json", "config.yaml", "split.json")
 
@@ -47,54 +55,86 @@ class TrainDisplay:
             warn_line(f"skipped {info['error']}")
         elif kind == "start":
             console.print(
-                f"classes {info['classes']}  train {info['n_train']}  val {info['n_val']}  device {info['device']}"
+                f"classes {info['classes']}  train {info['n_train']}  val {info['n_val']}  "
+                f"device {info['device']}"
                 + (f"  (resuming at epoch {info['start_epoch']})" if info["start_epoch"] > 1 else "")
             )
-            self.epoch_task = p.add_task("epochs", total=info["epochs"], completed=info["start_epoch"] - 1, info="")
+            self.epoch_task = p.add_task(
+                "epochs", total=info["epochs"], completed=info["start_epoch"] - 1, info=""
+            )
             self.batch_task = p.add_task("batches", total=1, info="")
         elif kind == "batch":
-            p.update(self.batch_task, total=info["n_batches"], completed=info["batch"],
-                     info=f"loss {info['loss']:.3f}  {info['sites_per_s'] / 1e3:.0f}k sites/s")
+            p.update(
+                self.batch_task,
+                total=info["n_batches"],
+                completed=info["batch"],
+                info=f"loss {info['loss']:.3f}  {info['sites_per_s'] / 1e3:.0f}k sites/s",
+            )
         elif kind == "epoch_end":
-            p.update(self.epoch_task, completed=info["epoch"],
-                     info=f"val acc {fmt_pct(info['val_accuracy'])}  bal {fmt_pct(info['val_balanced_accuracy'])}")
+            p.update(
+                self.epoch_task,
+                completed=info["epoch"],
+                info=f"val acc {fmt_pct(info['val_accuracy'])}  bal {fmt_pct(info['val_balanced_accuracy'])}",
+            )
             p.console.print(
-                f"epoch {info['epoch']:>3}  train loss {info['train_loss']:.4f}  val loss {info['val_loss']:.4f}  "
+                f"epoch {info['epoch']:>3}  train loss {info['train_loss']:.4f}  "
+                f"val loss {info['val_loss']:.4f}  "
                 f"acc {fmt_pct(info['val_accuracy'])}  AUROC {fmt_float(info['val_auroc'], '.3f')}  "
-                f"{info['epoch_time_s']:.1f}s  peak RSS {info['peak_rss_mb']:.0f} MB" + ("  *best" if info["improved"] else "")
+                f"{info['epoch_time_s']:.1f}s  peak RSS {info['peak_rss_mb']:.0f} MB"
+                + ("  *best" if info["improved"] else "")
             )
         elif kind == "budget_stop":
-            p.console.print(f"stopped at epoch {info['epoch']}: the time budget is spent ({info['minutes']:.1f} min)")
+            p.console.print(
+                f"stopped at epoch {info['epoch']}: the time budget is spent ({info['minutes']:.1f} min)"
+            )
         elif kind == "early_stop":
-            p.console.print(f"early stop at epoch {info['epoch']} (no improvement for {info['patience']} epochs)")
+            p.console.print(
+                f"early stop at epoch {info['epoch']} (no improvement for {info['patience']} epochs)"
+            )
 
 
 @handles_errors
 def train(
-    data: Annotated[Path, typer.Argument(help="Dataset: class subfolders, a folder with labels.csv, or a datalist JSON.")],
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (configs/*.yaml).")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder for checkpoints, history and plots.")] = Path("runs/default"),
+    data: Annotated[
+        Path, typer.Argument(help="Dataset: class subfolders, a folder with labels.csv, or a datalist JSON.")
+    ],
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML config (configs/*.yaml).")
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Run folder for checkpoints, history and plots.")
+    ] = Path("runs/default"),
     epochs: Annotated[int | None, typer.Option(help="Override train.epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Override train.batch_size.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     seed: Annotated[int | None, typer.Option(help="Override train.seed.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Preprocessing worker processes (data.workers).")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Preprocessing worker processes (data.workers).")
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in OUT.")] = False,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Config override key=value, e.g. train.lr=1e-3.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Config override key=value, e.g. train.lr=1e-3.")
+    ] = None,
 ) -> None:
     """Train a sparse (or dense-twin) classifier on labelled CT scans."""
     from ctsparse.config import load_config
 
     overrides = list(set_ or [])
-    for key, value in (("train.epochs", epochs), ("train.batch_size", batch_size), ("train.seed", seed),
-                       ("data.workers", workers)):
+    for key, value in (
+        ("train.epochs", epochs),
+        ("train.batch_size", batch_size),
+        ("train.seed", seed),
+        ("data.workers", workers),
+    ):
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_config(config, overrides)
     if not resume and any((out / f).exists() for f in RUN_FILES):
         if not overwrite:
-            raise CtsparseError(f"{out}: already holds a run; pass --resume to continue it or --overwrite to replace it")
+            raise CtsparseError(
+                f"{out}: already holds a run; pass --resume to continue it or --overwrite to replace it"
+            )
         for f in RUN_FILES:
             (out / f).unlink(missing_ok=True)
     from ctsparse.training.loop import train as run_training
@@ -113,9 +153,13 @@ def train(
     table.add_row("skipped scans", str(len(result.skipped)))
     console.print(table)
     if m.get("confusion_matrix"):
-        console.print(f"confusion matrix (rows true, cols predicted, {m['classes']}): {m['confusion_matrix']}")
+        console.print(
+            f"confusion matrix (rows true, cols predicted, {m['classes']}): {m['confusion_matrix']}"
+        )
     console.print(f"checkpoints: {out / 'best.pt'}, {out / 'last.pt'}; history: {out / 'history.csv'}")
     if result.interrupted:
-        console.print(f"[yellow]interrupted[/]: last.pt holds epoch {result.epochs_run}; continue with "
-                      f"`ctsparse train {data} --out {out} --resume`")
+        console.print(
+            f"[yellow]interrupted[/]: last.pt holds epoch {result.epochs_run}; continue with "
+            f"`ctsparse train {data} --out {out} --resume`"
+        )
         raise typer.Exit(130)

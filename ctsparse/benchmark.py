@@ -43,8 +43,9 @@ def _time(fn: Callable[[], Any], runs: int, warmup: int, dev: torch.device) -> l
     return out
 
 
-def _runner(model: torch.nn.Module, backend: str, sv: SparseVolume, dev: torch.device, multiple: int
-            ) -> tuple[Callable[[], Any], Callable[[], Any]]:
+def _runner(
+    model: torch.nn.Module, backend: str, sv: SparseVolume, dev: torch.device, multiple: int
+) -> tuple[Callable[[], Any], Callable[[], Any]]:
     def make() -> Any:
         return collate_sparse([sv], dev) if backend == "sparse" else collate_dense([sv], dev, multiple)
 
@@ -67,17 +68,29 @@ def _runner(model: torch.nn.Module, backend: str, sv: SparseVolume, dev: torch.d
     return forward, step
 
 
-def compare(sv: SparseVolume, model_cfg: ModelConfig, dev: torch.device, runs: int = 5, warmup: int = 1,
-            train_step: bool = True) -> dict[str, Any]:
+def compare(
+    sv: SparseVolume,
+    model_cfg: ModelConfig,
+    dev: torch.device,
+    runs: int = 5,
+    warmup: int = 1,
+    train_step: bool = True,
+) -> dict[str, Any]:
     """Time and memory of both backends on one input; dense is skipped (with the reason) if it fails."""
     multiple = 2 ** (len(model_cfg.widths) - 1)
     grid = np.asarray(sv.grid_shape)
     dense_grid = (-(-grid // multiple) * multiple).tolist()
-    row: dict[str, Any] = {"sites": sv.n_sites, "occupancy": sv.occupancy, "grid": "x".join(map(str, sv.grid_shape)),
-                           "channels": sv.n_channels, "threads": torch.get_num_threads(), "device": str(dev)}
+    row: dict[str, Any] = {
+        "sites": sv.n_sites,
+        "occupancy": sv.occupancy,
+        "grid": "x".join(map(str, sv.grid_shape)),
+        "channels": sv.n_channels,
+        "threads": torch.get_num_threads(),
+        "device": str(dev),
+    }
     for backend in ("sparse", "dense"):
         torch.manual_seed(0)
-        model = create_model(replace(model_cfg, backend=backend), sv.n_channels, 2).to(dev)  # type: ignore[arg-type]
+        model = create_model(replace(model_cfg, backend=backend), sv.n_channels, 2).to(dev)
         forward, step = _runner(model, backend, sv, dev, multiple)
         try:
             if dev.type == "cuda":
@@ -99,12 +112,16 @@ def compare(sv: SparseVolume, model_cfg: ModelConfig, dev: torch.device, runs: i
     if "sparse_forward_s" in row and "dense_forward_s" in row:
         row["speedup"] = row["dense_forward_s"] / row["sparse_forward_s"]
         row["ideal_sparse_s"] = sv.occupancy * row["dense_forward_s"]
-        row["sparse_over_ideal"] = row["sparse_forward_s"] / row["ideal_sparse_s"] if row["ideal_sparse_s"] else None
+        row["sparse_over_ideal"] = (
+            row["sparse_forward_s"] / row["ideal_sparse_s"] if row["ideal_sparse_s"] else None
+        )
     row["dense_grid"] = "x".join(map(str, dense_grid))
     return row
 
 
-def threshold_cases(volume: Volume, cfg: PreprocessConfig, thresholds: Sequence[float]) -> list[tuple[str, SparseVolume]]:
+def threshold_cases(
+    volume: Volume, cfg: PreprocessConfig, thresholds: Sequence[float]
+) -> list[tuple[str, SparseVolume]]:
     """Occupancy sweep through the HU threshold. The crop is fixed to the body's bounding box at
     the lowest threshold so that every case has the same dense grid (only occupancy changes)."""
     from ctsparse.sparsify import sparsify
@@ -122,8 +139,13 @@ def _recrop(sv: SparseVolume, base: SparseVolume, cfg: PreprocessConfig) -> Spar
     offset = np.rint(np.linalg.solve(sv.affine, base.affine[:, 3])[:3]).astype(np.int64)
     coords = sv.coords.astype(np.int64) - offset
     keep = np.all((coords >= 0) & (coords < np.asarray(base.grid_shape)), axis=1)
-    return replace(sv, coords=np.ascontiguousarray(coords[keep], dtype=np.int32), feats=sv.feats[keep],
-                   grid_shape=base.grid_shape, affine=base.affine)
+    return replace(
+        sv,
+        coords=np.ascontiguousarray(coords[keep], dtype=np.int32),
+        feats=sv.feats[keep],
+        grid_shape=base.grid_shape,
+        affine=base.affine,
+    )
 
 
 def fill_cases(sv: SparseVolume, fills: Sequence[float], seed: int = 0) -> list[tuple[str, SparseVolume]]:
@@ -132,22 +154,26 @@ def fill_cases(sv: SparseVolume, fills: Sequence[float], seed: int = 0) -> list[
     total = int(np.prod(sv.grid_shape))
     out = []
     for f in fills:
-        n = max(1, int(round(f * total)))
+        n = max(1, round(f * total))
         flat = rng.choice(total, size=n, replace=False)
-        coords = np.ascontiguousarray(np.stack(np.unravel_index(np.sort(flat), sv.grid_shape), 1), dtype=np.int32)
+        coords = np.ascontiguousarray(
+            np.stack(np.unravel_index(np.sort(flat), sv.grid_shape), 1), dtype=np.int32
+        )
         feats = rng.standard_normal((n, sv.n_channels)).astype(np.float32) * 0.3
         out.append((f"fill {100 * f:g}%", replace(sv, coords=coords, feats=feats)))
     return out
 
 
-def layer_profile(sv: SparseVolume, model_cfg: ModelConfig, dev: torch.device, runs: int = 3) -> dict[str, float]:
+def layer_profile(
+    sv: SparseVolume, model_cfg: ModelConfig, dev: torch.device, runs: int = 3
+) -> dict[str, float]:
     """Where the sparse forward pass spends its time (medians over `runs`, seconds).
 
     tensor build = SparseTensor construction (coordinate hashing); kernel maps = first-pass minus
     cached-pass time of the convolutions (ME builds kernel maps lazily and caches them per
     coordinate manager); the rest is grouped by layer type through forward hooks.
     """
-    model = create_model(replace(model_cfg, backend="sparse"), sv.n_channels, 2).to(dev).eval()  # type: ignore[arg-type]
+    model = create_model(replace(model_cfg, backend="sparse"), sv.n_channels, 2).to(dev).eval()
     groups: dict[str, list[float]] = {}
     starts: dict[int, float] = {}
 

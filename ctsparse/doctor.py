@@ -67,7 +67,11 @@ def _me_checks() -> list[Check]:
         return [Check("MinkowskiEngine", False, f"cannot import: {str(exc).splitlines()[0]}", SETUP_HINT)]
     cuda = bool(ME.is_cuda_available())
     checks = [
-        Check("MinkowskiEngine", True, f"{ME.__version__} ({'CUDA ' + str(ME.cuda_version()) if cuda else 'CPU-only'} build)"),
+        Check(
+            "MinkowskiEngine",
+            True,
+            f"{ME.__version__} ({'CUDA ' + str(ME.cuda_version()) if cuda else 'CPU-only'} build)",
+        ),
         Check("BLAS linked by ME", True, _linked_blas(str(backend.__file__))),
     ]
     try:
@@ -77,7 +81,9 @@ def _me_checks() -> list[Check]:
         coords = torch.tensor([[0, 0, 0, 0], [0, 0, 0, 1], [0, 1, 0, 0]], dtype=torch.int32)
         out = conv(ME.SparseTensor(torch.ones(3, 2), coordinates=coords))
         ok = out.F.shape == (3, 3) and bool(torch.isfinite(out.F).all())
-        checks.append(Check("ME smoke convolution", ok, "3 sites, 2->3 channels" if ok else "wrong output", SETUP_HINT))
+        checks.append(
+            Check("ME smoke convolution", ok, "3 sites, 2->3 channels" if ok else "wrong output", SETUP_HINT)
+        )
     except Exception as exc:
         checks.append(Check("ME smoke convolution", False, f"failed: {str(exc).splitlines()[0]}", SETUP_HINT))
     return checks
@@ -85,8 +91,12 @@ def _me_checks() -> list[Check]:
 
 def check_environment() -> list[Check]:
     checks = [
-        Check("python", sys.version_info >= (3, 10), f"{platform.python_version()} ({sys.executable})",
-              "use Python >= 3.10"),
+        Check(
+            "python",
+            sys.version_info >= (3, 10),
+            f"{platform.python_version()} ({sys.executable})",
+            "use Python >= 3.10",
+        ),
         Check("platform", True, f"{platform.system()} {platform.machine()}"),
     ]
     checks += _torch_checks()

@@ -108,10 +108,19 @@ def predict(
                     t2 = time.perf_counter()
                     del volume
                 row["_peak_prep_bytes"] = prep_mem.peak_bytes
-                row.update({"time_read_s": t1 - t0, "time_preprocess_s": t2 - t1, "sites": sv.n_sites,
-                            "occupancy": sv.occupancy, "grid": "x".join(map(str, sv.grid_shape))})
+                row.update(
+                    {
+                        "time_read_s": t1 - t0,
+                        "time_preprocess_s": t2 - t1,
+                        "sites": sv.n_sites,
+                        "occupancy": sv.occupancy,
+                        "grid": "x".join(map(str, sv.grid_shape)),
+                    }
+                )
                 if sv.n_channels != ckpt.in_channels:
-                    raise ScanError(path, f"{sv.n_channels} feature channels, the checkpoint expects {ckpt.in_channels}")
+                    raise ScanError(
+                        path, f"{sv.n_channels} feature channels, the checkpoint expects {ckpt.in_channels}"
+                    )
                 pending.append((row, sv))
                 if len(pending) >= batch_size:
                     flush()

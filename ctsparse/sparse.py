@@ -112,7 +112,11 @@ def load_sparse(path: str | Path) -> SparseVolume:
             return SparseVolume(
                 coords=np.ascontiguousarray(z["coords"], dtype=np.int32),
                 feats=np.ascontiguousarray(z["feats"], dtype=np.float32),
-                grid_shape=(int(meta["grid_shape"][0]), int(meta["grid_shape"][1]), int(meta["grid_shape"][2])),
+                grid_shape=(
+                    int(meta["grid_shape"][0]),
+                    int(meta["grid_shape"][1]),
+                    int(meta["grid_shape"][2]),
+                ),
                 affine=np.asarray(z["affine"], dtype=np.float64),
                 params=meta["params"],
                 stats=meta["stats"],

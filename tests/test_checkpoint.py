@@ -24,7 +24,11 @@ def _svs(n: int = 3) -> list[SparseVolume]:
     out = []
     for _ in range(n):
         coords = np.ascontiguousarray(np.argwhere(rng.random((10, 9, 8)) < 0.3), dtype=np.int32)
-        out.append(SparseVolume(coords, rng.standard_normal((len(coords), 1)).astype(np.float32), (10, 9, 8), np.eye(4)))
+        out.append(
+            SparseVolume(
+                coords, rng.standard_normal((len(coords), 1)).astype(np.float32), (10, 9, 8), np.eye(4)
+            )
+        )
     return out
 
 

@@ -19,7 +19,9 @@ def test_shipped_configs_load(name: str) -> None:
 
 
 def test_overrides_are_typed_and_applied() -> None:
-    cfg = load_config(None, ["train.lr=1e-3", "model.widths=[8, 16]", "model.depths=[2, 2]", "preprocess.threshold=200"])
+    cfg = load_config(
+        None, ["train.lr=1e-3", "model.widths=[8, 16]", "model.depths=[2, 2]", "preprocess.threshold=200"]
+    )
     assert cfg.train.lr == pytest.approx(1e-3)
     assert cfg.model.widths == [8, 16]
     assert cfg.preprocess.threshold == 200.0 and isinstance(cfg.preprocess.threshold, float)

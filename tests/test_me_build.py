@@ -37,7 +37,7 @@ def random_sparse(rng: torch.Generator, n_batch: int, size: int, occupancy: floa
 def test_sparse_conv_matches_dense_conv3d_forward_and_backward(cin: int, cout: int, occupancy: float) -> None:
     rng = torch.Generator().manual_seed(1234 + cin)
     n_batch, size = 2, 9
-    mask, coords, feats = random_sparse(rng, n_batch, size, occupancy, cin)
+    _, coords, feats = random_sparse(rng, n_batch, size, occupancy, cin)
     w = torch.randn((cout, cin, 3, 3, 3), generator=rng, dtype=torch.float64)
     b = torch.randn((cout,), generator=rng, dtype=torch.float64)
     grad_out = torch.randn((coords.shape[0], cout), generator=rng, dtype=torch.float64)
@@ -76,7 +76,7 @@ def test_sparse_conv_matches_dense_conv3d_forward_and_backward(cin: int, cout: i
 def test_strided_sparse_conv_matches_dense_at_output_sites() -> None:
     """Stride 2 (the downsampling the classifier uses): outputs live at even coordinates."""
     rng = torch.Generator().manual_seed(7)
-    mask, coords, feats = random_sparse(rng, 1, 10, 0.3, 3)
+    _, coords, feats = random_sparse(rng, 1, 10, 0.3, 3)
     w = torch.randn((4, 3, 3, 3, 3), generator=rng, dtype=torch.float64)
     conv = ME.MinkowskiConvolution(3, 4, kernel_size=3, stride=2, bias=False, dimension=3).double()
     with torch.no_grad():

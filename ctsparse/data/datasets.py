@@ -53,7 +53,9 @@ def read_labels_csv(path: Path) -> list[Sample]:
             reader = csv.DictReader(fh)
             fields = [f.strip().lower() for f in reader.fieldnames or []]
             if "path" not in fields or "label" not in fields:
-                raise DatasetError(path, f"needs columns path,label[,split]; found {', '.join(fields) or 'none'}")
+                raise DatasetError(
+                    path, f"needs columns path,label[,split]; found {', '.join(fields) or 'none'}"
+                )
             rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in r.items()} for r in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DatasetError(path, f"cannot read CSV: {exc}") from exc
@@ -63,7 +65,9 @@ def read_labels_csv(path: Path) -> list[Sample]:
             continue
         if not r.get("label"):
             raise DatasetError(path, f"line {i}: empty label for {r['path']}")
-        out.append(Sample(_resolve(path.parent, r["path"], path), r["label"], _norm_split(r.get("split", ""), path)))
+        out.append(
+            Sample(_resolve(path.parent, r["path"], path), r["label"], _norm_split(r.get("split", ""), path))
+        )
     return out
 
 
@@ -116,18 +120,21 @@ def discover_dataset(data: str | Path) -> list[Sample]:
     else:
         samples = read_class_folders(root)
     if not samples:
-        raise DatasetError(root, "no labelled scans found (expected labels.csv, a datalist JSON or class subfolders)")
+        raise DatasetError(
+            root, "no labelled scans found (expected labels.csv, a datalist JSON or class subfolders)"
+        )
     if len({s.label for s in samples}) < 2:
         raise DatasetError(root, f"need at least two classes, found only '{samples[0].label}'")
     return samples
 
 
-def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+def stratified_split(
+    samples: list[Sample], val_fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
     """(train, val). Explicit split columns win; otherwise a seeded split that keeps class ratios
     and puts at least one scan of every class with >= 2 scans into validation."""
     if any(s.split for s in samples):
-        train = [s for s in samples if s.split in ("train", "")]
-        return train, [s for s in samples if s.split == "val"]
+        return [s for s in samples if s.split in ("train", "")], [s for s in samples if s.split == "val"]
     if val_fraction <= 0:
         return list(samples), []
     rng = np.random.default_rng(seed)

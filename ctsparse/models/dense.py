@@ -61,12 +61,18 @@ class DenseResNet(nn.Module):
     def __init__(self, cfg: ModelConfig, in_channels: int, num_classes: int) -> None:
         super().__init__()
         w = cfg.widths
-        self.stem = nn.Sequential(_conv(cfg, in_channels, w[0], cfg.stem_kernel), nn.BatchNorm3d(w[0]), nn.ReLU(True))
+        self.stem = nn.Sequential(
+            _conv(cfg, in_channels, w[0], cfg.stem_kernel), nn.BatchNorm3d(w[0]), nn.ReLU(True)
+        )
         stages: list[nn.Module] = []
         for i, (width, depth) in enumerate(zip(w, cfg.depths, strict=True)):
             layers: list[nn.Module] = []
             if i > 0:
-                layers += [nn.Conv3d(w[i - 1], width, 2, stride=2, bias=False), nn.BatchNorm3d(width), nn.ReLU(True)]
+                layers += [
+                    nn.Conv3d(w[i - 1], width, 2, stride=2, bias=False),
+                    nn.BatchNorm3d(width),
+                    nn.ReLU(True),
+                ]
             layers += [DenseBasicBlock(cfg, width) for _ in range(depth)]
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)

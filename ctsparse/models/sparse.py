@@ -28,7 +28,13 @@ def _kernel(cfg: ModelConfig, size: int, stride: int = 1) -> ME.KernelGenerator:
 
 def _conv(cfg: ModelConfig, cin: int, cout: int, size: int, stride: int = 1) -> ME.MinkowskiConvolution:
     return ME.MinkowskiConvolution(
-        cin, cout, kernel_size=size, stride=stride, bias=False, kernel_generator=_kernel(cfg, size, stride), dimension=3
+        cin,
+        cout,
+        kernel_size=size,
+        stride=stride,
+        bias=False,
+        kernel_generator=_kernel(cfg, size, stride),
+        dimension=3,
     )
 
 
@@ -69,7 +75,11 @@ class SparseResNet(nn.Module):
         for i, (width, depth) in enumerate(zip(w, cfg.depths, strict=True)):
             layers: list[nn.Module] = []
             if i > 0:
-                layers += [_conv(cfg, w[i - 1], width, 2, stride=2), ME.MinkowskiBatchNorm(width), ME.MinkowskiReLU(True)]
+                layers += [
+                    _conv(cfg, w[i - 1], width, 2, stride=2),
+                    ME.MinkowskiBatchNorm(width),
+                    ME.MinkowskiReLU(True),
+                ]
             layers += [SparseBasicBlock(cfg, width) for _ in range(depth)]
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)

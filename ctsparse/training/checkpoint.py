@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 import platform
+import re
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -83,30 +83,46 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
     if not path.is_file():
         raise CheckpointError(path, "checkpoint file not found")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
-        raise CheckpointError(path, "not a readable checkpoint (not a torch zip archive: truncated or another format)")
+        raise CheckpointError(
+            path, "not a readable checkpoint (not a torch zip archive: truncated or another format)"
+        )
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         msg = str(exc)
         found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", msg)
         if found or "Weights only load failed" in msg:
-            what = f"it references {found.group(1)}" if found else "it holds data the safe (weights-only) loader rejects"
-            raise CheckpointError(path, f"refused to load: {what}; only tensors and plain data are unpickled") from exc
+            what = (
+                f"it references {found.group(1)}"
+                if found
+                else "it holds data the safe (weights-only) loader rejects"
+            )
+            raise CheckpointError(
+                path, f"refused to load: {what}; only tensors and plain data are unpickled"
+            ) from exc
         raise CheckpointError(path, "not a readable checkpoint (corrupt or not a torch file)") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        raise CheckpointError(path, f"not a readable checkpoint (truncated or not a torch file): {exc}") from exc
+        raise CheckpointError(
+            path, f"not a readable checkpoint (truncated or not a torch file): {exc}"
+        ) from exc
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise CheckpointError(path, "not a ctsparse checkpoint (no 'format' marker)")
     if raw.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(path, f"checkpoint format {raw.get('format_version')}, this ctsparse reads {FORMAT_VERSION}")
+        raise CheckpointError(
+            path, f"checkpoint format {raw.get('format_version')}, this ctsparse reads {FORMAT_VERSION}"
+        )
     try:
         cfg = from_dict(raw["config"])
     except ConfigError as exc:
         raise CheckpointError(path, f"its config does not match this ctsparse version: {exc}") from exc
-    return LoadedCheckpoint(cfg, list(raw["classes"]), int(raw["in_channels"]), raw["state_dict"], raw.get("extra", {}))
+    return LoadedCheckpoint(
+        cfg, list(raw["classes"]), int(raw["in_channels"]), raw["state_dict"], raw.get("extra", {})
+    )
 
 
-def build_from_checkpoint(path: str | Path, ckpt: LoadedCheckpoint | None = None) -> tuple[torch.nn.Module, LoadedCheckpoint]:
+def build_from_checkpoint(
+    path: str | Path, ckpt: LoadedCheckpoint | None = None
+) -> tuple[torch.nn.Module, LoadedCheckpoint]:
     """Model with the checkpoint's weights; a mismatch names the differing tensors."""
     from ctsparse.models import create_model
 

@@ -73,14 +73,24 @@ def run_epoch(
         seen += len(idx)
         sites += sum(batch.n_sites)
         elapsed = time.perf_counter() - t0
-        emit("batch", {"epoch": epoch, "batch": b + 1, "n_batches": n_batches, "loss": float(loss),
-                       "sites_per_s": sites / elapsed if elapsed else 0.0})
+        emit(
+            "batch",
+            {
+                "epoch": epoch,
+                "batch": b + 1,
+                "n_batches": n_batches,
+                "loss": float(loss),
+                "sites_per_s": sites / elapsed if elapsed else 0.0,
+            },
+        )
     elapsed = time.perf_counter() - t0
     return {"loss": losses / max(seen, 1), "accuracy": correct / max(seen, 1), "sites_per_s": sites / elapsed}
 
 
 @torch.no_grad()
-def predict_probs(model: torch.nn.Module, svs: list[SparseVolume], cfg: Config, dev: torch.device) -> np.ndarray:
+def predict_probs(
+    model: torch.nn.Module, svs: list[SparseVolume], cfg: Config, dev: torch.device
+) -> np.ndarray:
     model.eval()
     out = []
     bs = cfg.train.batch_size
@@ -92,7 +102,12 @@ def predict_probs(model: torch.nn.Module, svs: list[SparseVolume], cfg: Config, 
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, data: Dataset, cfg: Config, dev: torch.device, loss_fn: torch.nn.Module, classes: list[str]
+    model: torch.nn.Module,
+    data: Dataset,
+    cfg: Config,
+    dev: torch.device,
+    loss_fn: torch.nn.Module,
+    classes: list[str],
 ) -> dict[str, Any]:
     probs = predict_probs(model, [sv for sv, _ in data], cfg, dev)
     y = np.array([label for _, label in data], dtype=np.int64)
@@ -100,5 +115,7 @@ def evaluate(
     logp = torch.log(torch.from_numpy(probs).clamp_min(1e-12))
     weight = getattr(loss_fn, "weight", None)
     w = None if weight is None else weight.cpu()
-    metrics["loss"] = float(torch.nn.functional.nll_loss(logp, torch.from_numpy(y), weight=w)) if len(y) else float("nan")
+    metrics["loss"] = (
+        float(torch.nn.functional.nll_loss(logp, torch.from_numpy(y), weight=w)) if len(y) else float("nan")
+    )
     return metrics

@@ -10,21 +10,45 @@ from typing import Any
 import torch
 
 COLUMNS = [
-    "epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy",
-    "val_auroc", "epoch_time_s", "sites_per_s", "peak_rss_mb", "peak_cuda_mb",
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "val_balanced_accuracy",
+    "val_auroc",
+    "epoch_time_s",
+    "sites_per_s",
+    "peak_rss_mb",
+    "peak_cuda_mb",
 ]
 
 
-def row(epoch: int, optimizer: torch.optim.Optimizer, tr: dict[str, float], ev: dict[str, Any], seconds: float,
-        dev: torch.device) -> dict[str, Any]:
+def row(
+    epoch: int,
+    optimizer: torch.optim.Optimizer,
+    tr: dict[str, float],
+    ev: dict[str, Any],
+    seconds: float,
+    dev: torch.device,
+) -> dict[str, Any]:
     from ctsparse.profiling import peak_rss_bytes
 
     cuda = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else float("nan")
     return {
-        "epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": tr["loss"],
-        "train_accuracy": tr["accuracy"], "val_loss": ev["loss"], "val_accuracy": ev["accuracy"],
-        "val_balanced_accuracy": ev["balanced_accuracy"], "val_auroc": ev["auroc"], "epoch_time_s": seconds,
-        "sites_per_s": tr["sites_per_s"], "peak_rss_mb": peak_rss_bytes() / 2**20, "peak_cuda_mb": cuda,
+        "epoch": epoch,
+        "lr": optimizer.param_groups[0]["lr"],
+        "train_loss": tr["loss"],
+        "train_accuracy": tr["accuracy"],
+        "val_loss": ev["loss"],
+        "val_accuracy": ev["accuracy"],
+        "val_balanced_accuracy": ev["balanced_accuracy"],
+        "val_auroc": ev["auroc"],
+        "epoch_time_s": seconds,
+        "sites_per_s": tr["sites_per_s"],
+        "peak_rss_mb": peak_rss_bytes() / 2**20,
+        "peak_cuda_mb": cuda,
     }
 
 

@@ -88,7 +88,9 @@ def train(
     samples = discover_dataset(data)
     classes = sorted({s.label for s in samples})
     if state and state.get("classes") != classes:
-        raise CtsparseError(f"{out / 'last.pt'}: classes {state.get('classes')} differ from the dataset's {classes}")
+        raise CtsparseError(
+            f"{out / 'last.pt'}: classes {state.get('classes')} differ from the dataset's {classes}"
+        )
     emit("preprocess_start", {"n": len(samples)})
     prepared = prepare_scans(
         [s.path for s in samples],
@@ -108,7 +110,14 @@ def train(
     train_set = [by_path[s.path] for s in train_s]
     val_set = [by_path[s.path] for s in val_s]
     (out / "split.json").write_text(
-        json.dumps({"train": [str(s.path) for s in train_s], "val": [str(s.path) for s in val_s], "skipped": skipped}, indent=1)
+        json.dumps(
+            {
+                "train": [str(s.path) for s in train_s],
+                "val": [str(s.path) for s in val_s],
+                "skipped": skipped,
+            },
+            indent=1,
+        )
     )
     in_channels = train_set[0][0].n_channels
 
@@ -125,7 +134,9 @@ def train(
     counts = np.bincount([y for _, y in train_set], minlength=len(classes)).astype(np.float64)
     weights = None
     if cfg.train.balance == "loss":
-        weights = torch.tensor(counts.sum() / (len(classes) * np.maximum(counts, 1)), dtype=torch.float32, device=dev)
+        weights = torch.tensor(
+            counts.sum() / (len(classes) * np.maximum(counts, 1)), dtype=torch.float32, device=dev
+        )
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
 
     start_epoch, best_score, best_epoch, bad_epochs = 1, -math.inf, 0, 0
@@ -133,7 +144,11 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"]) + 1
-        best_score, best_epoch, bad_epochs = float(state["best_score"]), int(state["best_epoch"]), int(state["bad_epochs"])
+        best_score, best_epoch, bad_epochs = (
+            float(state["best_score"]),
+            int(state["best_epoch"]),
+            int(state["bad_epochs"]),
+        )
         rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
         hist.truncate(out / "history.csv", int(state["epoch"]))
@@ -147,9 +162,19 @@ def train(
         stop["flag"] = True
 
     previous = signal.signal(signal.SIGINT, _on_sigint) if _main_thread() else None
-    emit("start", {"classes": classes, "n_train": len(train_set), "n_val": len(val_set), "device": str(dev),
-                   "start_epoch": start_epoch, "epochs": cfg.train.epochs, "skipped": len(skipped)})
-    epoch = start_epoch - 1
+    emit(
+        "start",
+        {
+            "classes": classes,
+            "n_train": len(train_set),
+            "n_val": len(val_set),
+            "device": str(dev),
+            "start_epoch": start_epoch,
+            "epochs": cfg.train.epochs,
+            "skipped": len(skipped),
+        },
+    )
+    last_done = start_epoch - 1  # the last epoch whose checkpoint is on disk
     interrupted = False
     t_start = time.perf_counter()
     try:
@@ -158,7 +183,6 @@ def train(
             tr = run_epoch(model, train_set, cfg, dev, optimizer, scheduler, loss_fn, rng, epoch, emit, stop)
             if tr is None:  # interrupted mid-epoch: abandon it, last.pt still holds the previous one
                 interrupted = True
-                epoch -= 1
                 break
             ev = evaluate(model, val_set or train_set, cfg, dev, loss_fn, classes)
             score = -ev["loss"] if cfg.train.metric == "loss" else float(ev[cfg.train.metric])
@@ -169,15 +193,28 @@ def train(
                 bad_epochs += 1
             row = hist.row(epoch, optimizer, tr, ev, time.perf_counter() - t0, dev)
             extra = {
-                "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "classes": classes,
+                "epoch": epoch,
+                "best_score": best_score,
+                "best_epoch": best_epoch,
+                "bad_epochs": bad_epochs,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "numpy_rng": rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(),
+                "classes": classes,
             }
             if improved:
-                save_checkpoint(out / "best.pt", model, cfg, classes, in_channels,
-                                {"epoch": epoch, "metrics": _jsonable(ev)})
+                save_checkpoint(
+                    out / "best.pt",
+                    model,
+                    cfg,
+                    classes,
+                    in_channels,
+                    {"epoch": epoch, "metrics": _jsonable(ev)},
+                )
             save_checkpoint(out / "last.pt", model, cfg, classes, in_channels, extra)
             hist.append(out / "history.csv", row)
+            last_done = epoch
             emit("epoch_end", {**row, "improved": improved, "best_epoch": best_epoch})
             if bad_epochs >= cfg.train.patience:
                 emit("early_stop", {"epoch": epoch, "patience": cfg.train.patience})
@@ -187,7 +224,7 @@ def train(
                 break
             if cfg.train.max_minutes is not None:
                 spent = time.perf_counter() - t_start
-                if spent + spent / (epoch - start_epoch + 1) > 60 * cfg.train.max_minutes:
+                if spent + spent / (last_done - start_epoch + 1) > 60 * cfg.train.max_minutes:
                     emit("budget_stop", {"epoch": epoch, "minutes": spent / 60})
                     break
     finally:
@@ -199,7 +236,7 @@ def train(
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     hist.plots(out, classes, metrics)
     emit("done", {"metrics": metrics, "interrupted": interrupted})
-    return TrainResult(out, best_epoch, best_score, epoch, metrics, skipped, interrupted)
+    return TrainResult(out, best_epoch, best_score, last_done, metrics, skipped, interrupted)
 
 
 def _main_thread() -> bool:
@@ -209,12 +246,18 @@ def _main_thread() -> bool:
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(d, default=float))
+    out: dict[str, Any] = json.loads(json.dumps(d, default=float))
+    return out
 
 
 def _final_metrics(
-    out: Path, data: list[tuple[SparseVolume, int]], cfg: Config, dev: torch.device,
-    loss_fn: torch.nn.Module, classes: list[str], is_val: bool,
+    out: Path,
+    data: list[tuple[SparseVolume, int]],
+    cfg: Config,
+    dev: torch.device,
+    loss_fn: torch.nn.Module,
+    classes: list[str],
+    is_val: bool,
 ) -> dict[str, Any]:
     from ctsparse.training.checkpoint import build_from_checkpoint
 
@@ -222,5 +265,8 @@ def _final_metrics(
         return {"evaluated_on": "none", "note": "no complete epoch"}
     model, ckpt = build_from_checkpoint(out / "best.pt")
     ev = evaluate(model.to(dev), data, cfg, dev, loss_fn, classes)
-    return {"evaluated_on": "validation" if is_val else "training (no validation split)",
-            "best_epoch": ckpt.extra.get("epoch"), **_jsonable(ev)}
+    return {
+        "evaluated_on": "validation" if is_val else "training (no validation split)",
+        "best_epoch": ckpt.extra.get("epoch"),
+        **_jsonable(ev),
+    }

@@ -8,7 +8,9 @@ import numpy as np
 import numpy.typing as npt
 
 
-def confusion_matrix(y_true: npt.NDArray[np.int64], y_pred: npt.NDArray[np.int64], n: int) -> npt.NDArray[np.int64]:
+def confusion_matrix(
+    y_true: npt.NDArray[np.int64], y_pred: npt.NDArray[np.int64], n: int
+) -> npt.NDArray[np.int64]:
     cm = np.zeros((n, n), dtype=np.int64)
     np.add.at(cm, (y_true, y_pred), 1)
     return cm

@@ -1,0 +1,149 @@
+"""Rendering helpers shared by the commands: atomic JSON/CSV/PNG outputs, flat rows, table cells.
+
+Every output file is written to a temporary name in the target folder and renamed over the target,
+so an interrupted or failed command never leaves a half-written report behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+from ctsparse.profiling import format_bytes, format_seconds
+
+__all__ = [
+    "add_error_row",
+    "atomic_path",
+    "error_cell",
+    "flatten",
+    "fmt_bytes",
+    "fmt_float",
+    "fmt_pct",
+    "fmt_seconds",
+    "jsonable",
+    "make_table",
+    "write_csv",
+    "write_json",
+    "write_text_atomic",
+]
+
+ERROR_STYLE = "bold red"
+fmt_bytes = format_bytes
+fmt_seconds = format_seconds
+
+
+@contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `target`; on success rename it over `target`, else delete it.
+
+    >>> with atomic_path("plot.png") as tmp:  # doctest: +SKIP
+    ...     fig.savefig(tmp, format="png")
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(target: str | Path, text: str) -> None:
+    with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON types: numpy scalars/arrays to Python, Paths to str, NaN/inf to null."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):  # numpy scalars and arrays, without importing numpy here
+        return jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(target: str | Path, obj: Any) -> None:
+    write_text_atomic(target, json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
+
+
+def flatten(row: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts become dotted columns; lists of numbers become '512x512x300', others '; '-joined.
+    Keys starting with '_' (in-memory extras such as plot arrays) are dropped."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if str(key).startswith("_"):
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        elif isinstance(value, list | tuple):
+            numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+            sep = "x" if numeric else "; "
+            out[name] = sep.join(f"{v:g}" if numeric else str(v) for v in value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            out[name] = ""
+        else:
+            out[name] = "" if value is None else value
+    return out
+
+
+def write_csv(target: str | Path, rows: Sequence[dict[str, Any]]) -> None:
+    """One line per row, flat columns (the union over rows, in first-seen order)."""
+    flat = [flatten(jsonable(r)) for r in rows]
+    columns: dict[str, None] = {}
+    for r in flat:
+        columns.update(dict.fromkeys(r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(flat)
+    write_text_atomic(target, buf.getvalue())
+
+
+def fmt_pct(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{100 * x:.{digits}f}%"
+
+
+def fmt_float(x: float | None, spec: str = ".4g") -> str:
+    return "-" if x is None or not math.isfinite(x) else format(x, spec)
+
+
+def make_table(title: str | None, columns: Sequence[str], right: Sequence[str] = ()) -> Table:
+    """A table with the house look; columns named in `right` are right-aligned (numbers)."""
+    table = Table(title=title, title_justify="left", header_style="bold", show_lines=False)
+    for col in columns:
+        table.add_column(col, justify="right" if col in right else "left", overflow="fold")
+    return table
+
+
+def error_cell(reason: str) -> Text:
+    return Text(reason, style=ERROR_STYLE)
+
+
+def add_error_row(table: Table, label: str, reason: str) -> None:
+    """A failed item: its label, then the one-line reason spanning the remaining columns' first cell."""
+    n = len(table.columns)
+    table.add_row(Text(label, style=ERROR_STYLE), error_cell(reason), *([""] * (n - 2)))
