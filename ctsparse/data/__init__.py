@@ -1,0 +1,1 @@
+"""Datasets: discovery of scans and labels, caching, collation, and synthetic phantoms."""

@@ -1,0 +1,261 @@
+"""Synthetic chest CT phantoms with two classes, ``normal`` and ``nodule``, written as NIfTI or DICOM.
+
+Each phantom is a random patient (size, fat, organ positions, HU calibration, vessel trees, noise,
+pose on the table, field of view) drawn from its own seed; the ``nodule`` class adds one 6-20 mm
+soft-tissue nodule inside a lung. Patient, vessels and noise are drawn from separate child
+generators, so the same generator gives the same patient for both labels, and the label cannot be
+read from global statistics (kept-voxel count, HU histogram): the nodule is a few hundred mm³
+against natural variations of litres.
+
+>>> vol = make_phantom("nodule", np.random.default_rng(0))
+>>> vol.array.shape, vol.meta["label"]
+((96, 96, 64), 'nodule')
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from ctsparse.data.phantom_anatomy import Anatomy, draw_anatomy
+from ctsparse.data.phantom_render import render_slab
+from ctsparse.data.phantom_vessels import (
+    Nodule,
+    draw_nodule,
+    grow_vessels,
+    nodule_occupancy,
+    sample_tubes,
+    splat_tubes,
+)
+from ctsparse.errors import DatasetError
+from ctsparse.volume import Volume
+
+F64 = npt.NDArray[np.float64]
+
+CLASSES = ("normal", "nodule")
+# 350 mm is a typical adult chest display field; 320 mm covers the lungs from apex to bases.
+FOV_MM = (350.0, 350.0, 320.0)
+DEFAULT_SPACING = (3.65, 3.65, 5.0)  # 96 x 96 x 64: small enough for a CPU demo
+SLAB = 16  # slices rendered at once: bounds the temporaries of a 512 x 512 x 300 phantom
+
+
+def default_shape(spacing: Sequence[float]) -> tuple[int, int, int]:
+    """Grid that covers FOV_MM at `spacing`."""
+    x, y, z = (max(round(f / s), 8) for f, s in zip(FOV_MM, spacing, strict=True))
+    return x, y, z
+
+
+def _to_world(an: Anatomy, p: F64) -> F64:
+    c, s = np.cos(an.theta), np.sin(an.theta)
+    return np.stack(
+        [an.cx + c * p[:, 0] - s * p[:, 1], an.cy + s * p[:, 0] + c * p[:, 1], an.z0 + p[:, 2]], 1
+    )
+
+
+def make_phantom(
+    label: str,
+    rng: np.random.Generator,
+    *,
+    shape: Sequence[int] | None = None,
+    spacing: Sequence[float] = DEFAULT_SPACING,
+    vary_geometry: bool = False,
+    nodule_mm: tuple[float, float] = (6.0, 20.0),
+    source: str = "phantom",
+) -> Volume:
+    """One synthetic chest CT in HU, closest-canonical RAS+ axes, centred on the world origin.
+
+    Args:
+        label: "normal" or "nodule".
+        shape: voxels (X, Y, Z); None covers FOV_MM at `spacing`.
+        vary_geometry: draw the in-plane pixel size (±10 %, i.e. the field of view) and the slice
+            count (-20 %..+10 %) at random, as scanners and protocols do.
+        nodule_mm: range of the nodule diameter.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    if label not in CLASSES:
+        raise ValueError(f"unknown phantom class {label!r}; known: {', '.join(CLASSES)}")
+    g_geo, g_anat, g_vessel, g_nod, g_noise = rng.spawn(5)
+    sp = np.asarray(spacing, dtype=np.float64)
+    dims = np.asarray(shape if shape is not None else default_shape(spacing), dtype=np.int64)
+    if vary_geometry:
+        sp[:2] *= g_geo.uniform(0.9, 1.1)
+        dims[2] = max(round(dims[2] * g_geo.uniform(0.8, 1.1)), 4)
+    nx, ny, nz = (int(d) for d in dims)
+    origin = -(dims - 1) / 2 * sp
+    affine = np.diag([*sp, 1.0])
+    affine[:3, 3] = origin
+
+    an = draw_anatomy(g_anat)
+    # at least two voxels of air between body and table, so the body mask can drop the table
+    an = replace(an, table_gap=max(an.table_gap, 2.0 * float(sp[1])))
+    x = (origin[0] + np.arange(nx) * sp[0]).astype(np.float32)[:, None, None]
+    y = (origin[1] + np.arange(ny) * sp[1]).astype(np.float32)[None, :, None]
+    u, v = _body_uv(an, x, y)
+    hu = np.empty((nx, ny, nz), dtype=np.float32)
+    for k0 in range(0, nz, SLAB):
+        k1 = min(k0 + SLAB, nz)
+        w = (origin[2] + np.arange(k0, k1) * sp[2] - an.z0).astype(np.float32)[None, None, :]
+        hu[:, :, k0:k1] = render_slab(an, u, v, w, x=x, y=y)
+
+    def to_vox(p: F64) -> F64:
+        return (_to_world(an, p) - origin) / sp
+
+    pts, rad, seg_len = sample_tubes(grow_vessels(an, g_vessel), 0.5 * float(sp.min()))
+    splat_tubes(hu, to_vox(pts), rad, seg_len, spacing=sp, target=an.hu_blood)
+
+    def in_fov(p: F64, margin: float) -> npt.NDArray[np.bool_]:
+        wp = _to_world(an, p)
+        return np.all((wp >= origin + margin) & (wp <= origin + (dims - 1) * sp - margin), axis=1)  # type: ignore[no-any-return]
+
+    meta: dict[str, object] = {"format": "phantom", "label": label}
+    # drawn for both labels so that one generator gives the same patient with and without it
+    nod = draw_nodule(an, g_nod, nodule_mm, in_fov)
+    if label == "nodule":
+        centre = np.array([nod.centre])
+        cv = to_vox(centre)[0]
+        _draw_nodule(hu, an, nod, cv, origin=origin, sp=sp)
+        sp_pts, sp_r, sp_len = sample_tubes(nod.spicules, 0.5 * float(sp.min()))
+        if len(sp_pts):
+            splat_tubes(hu, to_vox(sp_pts), sp_r, sp_len, spacing=sp, target=nod.hu)
+        meta |= {
+            "nodule_center_mm": [round(float(a), 2) for a in _to_world(an, centre)[0]],
+            "nodule_center_voxel": [round(float(a), 2) for a in cv],
+            "nodule_diameter_mm": round(float(nod.diameter), 2),
+        }
+
+    # partial-volume blur of the reconstruction kernel, then quantum noise (in place: 512^3 is big)
+    gaussian_filter(hu, 0.7, output=hu, truncate=3.0)
+    noise_sd = float(g_noise.uniform(10.0, 20.0))
+    for k0 in range(0, nz, SLAB):
+        k1 = min(k0 + SLAB, nz)
+        hu[:, :, k0:k1] += g_noise.standard_normal((nx, ny, k1 - k0), dtype=np.float32) * np.float32(noise_sd)
+    # integer HU in the 12-bit range, as scanners store them
+    np.rint(np.clip(hu, -1024.0, 3071.0, out=hu), out=hu)
+    meta |= {"noise_sd": round(noise_sd, 2), "contrast": bool(an.hu_blood > 100.0)}
+    return Volume(array=hu, affine=affine, source=source, meta=meta)
+
+
+def _body_uv(
+    an: Anatomy, x: npt.NDArray[np.float32], y: npt.NDArray[np.float32]
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """World x, y (broadcastable) -> body-frame u, v."""
+    c, s = np.float32(np.cos(an.theta)), np.float32(np.sin(an.theta))
+    return c * (x - an.cx) + s * (y - an.cy), -s * (x - an.cx) + c * (y - an.cy)
+
+
+def _draw_nodule(
+    hu: npt.NDArray[np.float32], an: Anatomy, nod: Nodule, cv: F64, *, origin: F64, sp: F64
+) -> None:
+    """Blend the nodule into `hu` in place, within a box around its centre voxel `cv`."""
+    half = np.ceil((nod.diameter * 0.75 + 2.0) / sp).astype(int) + 1
+    lo = np.maximum(np.round(cv).astype(int) - half, 0)
+    hi = np.minimum(np.round(cv).astype(int) + half + 1, hu.shape)
+    gx, gy, gz = ((origin[i] + np.arange(lo[i], hi[i]) * sp[i]).astype(np.float32) for i in range(3))
+    bu, bv = _body_uv(an, gx[:, None, None], gy[None, :, None])
+    occ = nodule_occupancy(nod, bu, bv, (gz - an.z0)[None, None, :], float(np.cbrt(np.prod(sp))))
+    sub = hu[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))]
+    np.maximum(sub, sub + (np.float32(nod.hu) - sub) * occ, out=sub)
+
+
+def phantom_labels(
+    n: int, seed: int, classes: Sequence[str] = CLASSES, balanced: bool = True, first_index: int = 0
+) -> list[str]:
+    """Labels of cases first_index .. first_index+n-1; a case's label does not depend on n.
+
+    Balanced: every block of len(classes) consecutive cases holds each class once, in random order.
+    """
+    k = len(classes)
+    out = []
+    for i in range(first_index, first_index + n):
+        if balanced:
+            perm = np.random.default_rng([seed, 0x1ABE1, i // k]).permutation(k)
+            out.append(classes[int(perm[i % k])])
+        else:
+            out.append(classes[int(np.random.default_rng([seed, 0x1ABE1, i]).integers(k))])
+    return out
+
+
+def case_rng(seed: int, index: int) -> np.random.Generator:
+    """The generator of case `index`: the same whatever the number of cases generated."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
+
+
+def generate_phantoms(
+    out_dir: str | Path,
+    n: int,
+    seed: int,
+    fmt: Literal["nifti", "dicom"] = "nifti",
+    *,
+    classes: Sequence[str] = CLASSES,
+    shape: Sequence[int] | None = None,
+    spacing: Sequence[float] = DEFAULT_SPACING,
+    balanced: bool = True,
+    vary_geometry: bool = True,
+    nodule_mm: tuple[float, float] = (6.0, 20.0),
+    first_index: int = 0,
+) -> list[Path]:
+    """Write n phantoms and `labels.csv` (path,label; paths relative to out_dir) into out_dir.
+
+    NIfTI cases are ``case_0000.nii.gz``; DICOM cases are series folders ``case_0000/``.
+
+    Returns:
+        The written scan paths (files or folders), in case order.
+    """
+    unknown = [c for c in classes if c not in CLASSES]
+    if unknown or not classes:
+        raise DatasetError(out_dir, f"unknown phantom classes {unknown}; known: {', '.join(CLASSES)}")
+    if fmt not in ("nifti", "dicom"):
+        raise DatasetError(out_dir, f"unknown format {fmt!r}; use nifti or dicom")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = phantom_labels(n, seed, classes, balanced, first_index)
+    written: list[Path] = []
+    for i, label in zip(range(first_index, first_index + n), labels, strict=True):
+        source = f"phantom:{seed}/{i}"
+        vol = make_phantom(
+            label,
+            case_rng(seed, i),
+            shape=shape,
+            spacing=spacing,
+            vary_geometry=vary_geometry,
+            nodule_mm=nodule_mm,
+            source=source,
+        )
+        written.append(write_phantom(vol, out / f"case_{i:04d}", fmt))
+    with open(out / "labels.csv", "w", newline="") as fh:
+        rows = csv.writer(fh)
+        rows.writerow(["path", "label"])
+        for path, label in zip(written, labels, strict=True):
+            rows.writerow([path.relative_to(out).as_posix(), label])
+    return written
+
+
+def write_phantom(vol: Volume, stem: Path, fmt: Literal["nifti", "dicom"]) -> Path:
+    """Write to ``stem.nii.gz`` or the series folder ``stem/``; returns that path."""
+    from ctsparse.io.write import write_dicom_series, write_nifti
+
+    if fmt == "nifti":
+        path = stem.with_name(stem.name + ".nii.gz")
+        write_nifti(vol, path)
+        return path
+    from pydicom.uid import generate_uid
+
+    if stem.exists() and any(stem.iterdir()):
+        raise DatasetError(stem, "series folder already exists and is not empty; use an empty output folder")
+    # UIDs derived from the case's source, so that regenerating writes the same series
+    write_dicom_series(
+        vol,
+        stem,
+        series_uid=generate_uid(entropy_srcs=[vol.source, "series"]),
+        study_uid=generate_uid(entropy_srcs=[vol.source, "study"]),
+        FrameOfReferenceUID=generate_uid(entropy_srcs=[vol.source, "frame"]),
+        SeriesDescription=f"ctsparse phantom {vol.source}",
+    )
+    return stem

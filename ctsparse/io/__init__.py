@@ -1,0 +1,41 @@
+"""Scan readers and writers: ``read_volume`` turns a NIfTI file, a DICOM file or a DICOM folder
+into a Volume in the canonical RAS+ frame, or raises ScanError with a one-line reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ctsparse.errors import ScanError
+from ctsparse.io.discover import find_scans, is_scan_path
+from ctsparse.io.nifti import is_nifti_name
+from ctsparse.io.write import write_dicom_series, write_nifti
+from ctsparse.volume import Volume
+
+__all__ = ["find_scans", "is_scan_path", "read_volume", "write_dicom_series", "write_nifti"]
+
+
+def read_volume(path: str | Path, *, series_uid: str | None = None, allow_non_ct: bool = False) -> Volume:
+    """Read one scan: ``.nii``/``.nii.gz`` -> NIfTI, a folder -> DICOM series, any other file -> DICOM.
+
+    Args:
+        series_uid: in a folder with several series, the SeriesInstanceUID to read (default: the
+            largest CT series; the others are listed in ``meta["skipped"]``).
+        allow_non_ct: read DICOM whose Modality is not CT instead of refusing it.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ScanError(p, "no such file or folder")
+    if p.is_file() and is_nifti_name(p):
+        from ctsparse.io.nifti import read_nifti
+
+        return read_nifti(p)
+    if p.is_dir() or p.is_file():
+        from ctsparse.io.dicom import read_dicom
+
+        try:
+            return read_dicom(p, series_uid=series_uid, allow_non_ct=allow_non_ct)
+        except PermissionError:
+            raise ScanError(p, "permission denied") from None
+        except MemoryError:
+            raise ScanError(p, "not enough memory to load this scan") from None
+    raise ScanError(p, "neither a file nor a folder")

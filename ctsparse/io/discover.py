@@ -1,0 +1,68 @@
+"""Expand a dataset folder into scans: NIfTI files and DICOM series folders.
+
+Decided by file names, a 132-byte sniff and at most a few headers per folder (never pixels), so a
+large dataset is listed fast.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ctsparse.io.dicom_headers import looks_like_dicom, read_header
+from ctsparse.io.nifti import is_nifti_name
+
+
+def _visible(p: Path) -> bool:
+    return not p.name.startswith(".")
+
+
+def _has_dicom_image(files: list[Path]) -> bool:
+    """True once one file is a DICOM image; DICOMDIR indexes, reports and RT structures are not."""
+    for f in files:
+        if (
+            _visible(f)
+            and not is_nifti_name(f)
+            and looks_like_dicom(f)
+            and not isinstance(read_header(f), str)
+        ):
+            return True
+    return False
+
+
+def _files(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_file())
+    except OSError:
+        return []
+
+
+def is_scan_path(path: str | Path) -> bool:
+    """True for a NIfTI file, a DICOM file, or a folder with DICOM files directly inside it."""
+    p = Path(path)
+    if not _visible(p) or not p.exists():
+        return False
+    if p.is_dir():
+        return _has_dicom_image(_files(p))
+    return is_nifti_name(p) or looks_like_dicom(p)
+
+
+def find_scans(root: str | Path) -> list[Path]:
+    """Every scan under ``root``, sorted: each NIfTI file, and each folder holding DICOM files.
+
+    A folder whose files are DICOM counts as one scan (its series are sorted out at read time);
+    its subfolders are searched too, so a study folder with one subfolder per series gives one
+    scan per series. Hidden entries and non-image files (labels.csv, README, ...) are ignored.
+    """
+    base = Path(root)
+    if base.is_file():
+        return [base] if is_scan_path(base) else []
+    scans: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        folder = Path(dirpath)
+        files = [folder / f for f in sorted(filenames) if not f.startswith(".")]
+        scans.extend(f for f in files if is_nifti_name(f))
+        if _has_dicom_image(files):
+            scans.append(folder)
+    return sorted(scans)

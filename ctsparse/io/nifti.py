@@ -1,0 +1,96 @@
+"""NIfTI reader: nibabel image -> Volume in the canonical RAS+ frame.
+
+Policy for NaN/inf voxels: the scan is refused (ScanError). A CT in HU has no legitimate NaN; they
+come from resampling pipelines and silently turning them into air would hide that.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Any
+
+import nibabel as _nib
+import numpy as np
+
+from ctsparse.errors import ScanError
+from ctsparse.io.geometry import canonicalize
+from ctsparse.volume import Volume
+
+nib: Any = _nib  # nibabel ships no type hints
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# nibabel leaves the affine in the file's units; the Volume frame is millimetres.
+_UNIT_TO_MM = {"meter": 1000.0, "micron": 1e-3}
+
+
+def is_nifti_name(path: str | Path) -> bool:
+    return Path(path).name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    return first[:160]
+
+
+def read_nifti(path: str | Path) -> Volume:
+    """Read a .nii/.nii.gz CT volume in HU (scl_slope/scl_inter applied by nibabel)."""
+    path = Path(path)
+    try:
+        img: Any = nib.load(str(path))
+    except (EOFError, zlib.error) as exc:
+        raise ScanError(path, f"truncated or corrupt NIfTI file ({_one_line(exc)})") from None
+    except Exception as exc:  # nibabel raises many types (ImageFileError, HeaderDataError, OSError)
+        raise ScanError(path, f"not a readable NIfTI file ({_one_line(exc)})") from None
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise ScanError(path, f"not a NIfTI image ({type(img).__name__})")
+
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) > 3 and all(s == 1 for s in shape[3:]):
+        shape = shape[:3]
+    if len(shape) == 2:
+        shape = (*shape, 1)
+    if len(shape) != 3:
+        raise ScanError(
+            path, f"expected a 3D volume, got shape {tuple(img.shape)} (4D series are not supported)"
+        )
+    if np.dtype(img.get_data_dtype()).kind not in "biuf":
+        raise ScanError(path, f"unsupported NIfTI data type {img.get_data_dtype()}")
+
+    try:
+        data = img.get_fdata(dtype=np.float32)
+    except (EOFError, zlib.error) as exc:
+        raise ScanError(path, f"truncated or corrupt NIfTI data ({_one_line(exc)})") from None
+    except Exception as exc:
+        raise ScanError(
+            path, f"cannot read NIfTI voxel data: file truncated or corrupt ({_one_line(exc)})"
+        ) from None
+    data = data.reshape(shape)
+
+    bad = ~np.isfinite(data)
+    if bad.any():
+        raise ScanError(path, f"{int(bad.sum())} voxels are NaN or infinite; a CT in HU should have none")
+
+    warnings: list[str] = []
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ScanError(path, "the NIfTI affine is singular or not finite")
+    unit = img.header.get_xyzt_units()[0]
+    if unit in _UNIT_TO_MM:
+        affine[:3, :] *= _UNIT_TO_MM[unit]
+        warnings.append(f"spatial units were '{unit}'; converted to mm")
+    if data.size and float(data.min()) >= 0.0:
+        warnings.append("no negative values: the data may not be in HU (air is about -1000 HU)")
+
+    array, affine = canonicalize(data, affine)
+    meta: dict[str, Any] = {
+        "format": "nifti",
+        "modality": "unknown",
+        "n_files": 1,
+        "warnings": warnings,
+        "skipped": [],
+        "sform_code": int(img.header["sform_code"]),
+        "qform_code": int(img.header["qform_code"]),
+    }
+    return Volume(array=array, affine=affine, source=str(path), meta=meta)
