@@ -18,6 +18,11 @@ err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# click's ClickException (vendored inside typer in recent releases): usage errors that click
+# reports itself with exit code 2
+_USAGE_ERRORS = tuple(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 class State:
     debug = False
 
@@ -38,8 +43,8 @@ def handles_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (typer.Exit, typer.Abort, SystemExit):
-            raise
+        except (typer.Exit, typer.Abort, SystemExit, *_USAGE_ERRORS):
+            raise  # usage errors keep click's exit code 2 and its message
         except CtsparseError as exc:
             if State.debug:
                 raise

@@ -1,0 +1,23 @@
+"""Shared fixtures: tiny real datasets written with the project's own phantom generator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gets its own SparseVolume cache, never the user's ~/.cache/ctsparse."""
+    monkeypatch.setenv("CTSPARSE_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Eight 32x32x20 NIfTI phantoms (4 normal, 4 nodule) with labels.csv."""
+    from ctsparse.data.phantoms import generate_phantoms
+
+    root = tmp_path_factory.mktemp("tiny")
+    generate_phantoms(root, 8, seed=3, shape=(32, 32, 20), spacing=(11.0, 11.0, 16.0), nodule_mm=(25.0, 35.0))
+    return root

@@ -1,0 +1,153 @@
+"""The learning path end to end on tiny real phantom files: overfit, resume, train -> predict."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ctsparse.cli.main import app
+from ctsparse.config import load_config
+from ctsparse.training.loop import train
+
+
+# small and fast: the point is the learning path, not accuracy
+TINY_TRAIN = [
+    "model.widths=[8, 16]",
+    "model.depths=[1, 1]",
+    "preprocess.features=patch",
+    "train.batch_size=4",
+    "train.warmup_epochs=0",
+]
+
+pytest.importorskip("MinkowskiEngine", reason="MinkowskiEngine is not installed: run scripts/setup.sh")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sparse", "dense"])
+def test_tiny_model_overfits_a_handful_of_phantoms(tiny_dataset: Path, tmp_path: Path, backend: str) -> None:
+    cfg = load_config(
+        None,
+        [
+            *TINY_TRAIN,
+            f"model.backend={backend}",
+            "augment.enabled=false",
+            "train.val_fraction=0",
+            "train.epochs=25",
+            "train.lr=0.01",
+            "model.dropout=0",
+            "train.metric=loss",
+            "train.patience=25",
+        ],
+    )
+    result = train(tiny_dataset, tmp_path / "run", cfg, device="cpu")
+    rows = list(csv.DictReader(open(tmp_path / "run" / "history.csv")))
+    assert float(rows[-1]["train_loss"]) < 0.5 * float(rows[0]["train_loss"])
+    assert result.metrics["evaluated_on"].startswith("training")
+    assert result.metrics["accuracy"] == 1.0, result.metrics
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_continues_where_it_stopped(tiny_dataset: Path, tmp_path: Path) -> None:
+    cfg = [*TINY_TRAIN, "train.val_fraction=0.25", "train.patience=10", "train.epochs=4"]
+    full = train(tiny_dataset, tmp_path / "full", load_config(None, cfg), device="cpu")
+
+    def crash_after_epoch_2(kind: str, info: dict) -> None:  # type: ignore[type-arg]
+        if kind == "epoch_end" and info["epoch"] == 2:
+            raise _Crash  # dies right after last.pt of epoch 2 was written
+
+    part = tmp_path / "part"
+    with pytest.raises(_Crash):
+        train(tiny_dataset, part, load_config(None, cfg), device="cpu", on_event=crash_after_epoch_2)
+    assert [r["epoch"] for r in csv.DictReader(open(part / "history.csv"))] == ["1", "2"]
+    resumed = train(tiny_dataset, part, load_config(None, cfg), device="cpu", resume=True)
+    assert resumed.epochs_run == full.epochs_run == 4
+    a = list(csv.DictReader(open(tmp_path / "full" / "history.csv")))
+    b = list(csv.DictReader(open(part / "history.csv")))
+    assert [r["epoch"] for r in b] == ["1", "2", "3", "4"]
+    for ra, rb in zip(a, b, strict=True):  # same seed, same data: resumed run == uninterrupted run
+        assert float(ra["train_loss"]) == pytest.approx(float(rb["train_loss"]), rel=1e-4, abs=1e-6)
+        assert float(ra["lr"]) == pytest.approx(float(rb["lr"]))
+        assert ra["val_accuracy"] == rb["val_accuracy"]
+
+
+def test_cli_train_then_predict_in_process(tiny_dataset: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "run"
+    sets = [x for s in [*TINY_TRAIN, "train.epochs=2"] for x in ("--set", s)]
+    res = runner.invoke(app, ["train", str(tiny_dataset), "--out", str(out), "--device", "cpu", *sets])
+    assert res.exit_code == 0, res.output
+    for name in (
+        "best.pt",
+        "last.pt",
+        "config.yaml",
+        "history.csv",
+        "metrics.json",
+        "curves.png",
+        "confusion_matrix.png",
+    ):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["auroc_per_class"]) == {"normal", "nodule"}
+    assert len(metrics["confusion_matrix"]) == 2
+
+    # an existing run is not overwritten silently
+    again = runner.invoke(app, ["train", str(tiny_dataset), "--out", str(out), *sets])
+    assert again.exit_code == 1 and "--resume" in again.output
+
+    # predict on the folder plus one corrupt and one missing input: the rest is still predicted
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"\x1f\x8b not really gzip")
+    pred = tmp_path / "pred.json"
+    res = runner.invoke(
+        app,
+        [
+            "predict",
+            str(out / "best.pt"),
+            str(tiny_dataset),
+            str(bad),
+            str(tmp_path / "missing.nii.gz"),
+            "--out",
+            str(pred),
+            "--batch-size",
+            "3",
+        ],
+    )
+    assert res.exit_code == 1, res.output
+    rows = json.loads(pred.read_text())["rows"]
+    ok = [r for r in rows if not r["error"]]
+    assert len(ok) == 8 and len(rows) == 10
+    for r in ok:
+        assert r["label"] in ("normal", "nodule")
+        assert r["p_normal"] + r["p_nodule"] == pytest.approx(1.0, abs=1e-5)
+        assert r["time_model_s"] > 0 and r["peak_rss_mb"] > 0 and r["sites"] > 0
+    errors = {Path(r["path"]).name: r["error"] for r in rows if r["error"]}
+    assert "bad.nii.gz" in errors["bad.nii.gz"]
+    assert "no such file" in errors["missing.nii.gz"]
+    assert "Traceback" not in res.output
+
+
+def test_predict_with_incompatible_or_missing_checkpoint(tiny_dataset: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(app, ["predict", str(tmp_path / "nope.pt"), str(tiny_dataset)])
+    assert res.exit_code == 1
+    assert "nope.pt" in res.output and "not found" in res.output and "Traceback" not in res.output
+    junk = tmp_path / "junk.pt"
+    shutil.copy(next(tiny_dataset.glob("*.nii.gz")), junk)
+    res = runner.invoke(app, ["predict", str(junk), str(tiny_dataset)])
+    assert res.exit_code == 1 and "junk.pt" in res.output and "Traceback" not in res.output
+
+
+def test_bad_config_key_is_one_line(tiny_dataset: Path, tmp_path: Path) -> None:
+    res = CliRunner().invoke(
+        app, ["train", str(tiny_dataset), "--out", str(tmp_path / "r"), "--set", "train.epoch=3"]
+    )
+    assert res.exit_code == 1
+    assert "train.epoch" in res.output and "unknown key" in res.output and "Traceback" not in res.output
