@@ -20,7 +20,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # click's ClickException (vendored inside typer in recent releases): usage errors that click
 # reports itself with exit code 2
-_USAGE_ERRORS = tuple(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_USAGE_ERRORS: tuple[type[Exception], ...] = tuple(
+    c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"
+)
 
 
 class State:

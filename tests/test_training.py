@@ -14,7 +14,6 @@ from ctsparse.cli.main import app
 from ctsparse.config import load_config
 from ctsparse.training.loop import train
 
-
 # small and fast: the point is the learning path, not accuracy
 TINY_TRAIN = [
     "model.widths=[8, 16]",
@@ -45,10 +44,15 @@ def test_tiny_model_overfits_a_handful_of_phantoms(tiny_dataset: Path, tmp_path:
         ],
     )
     result = train(tiny_dataset, tmp_path / "run", cfg, device="cpu")
-    rows = list(csv.DictReader(open(tmp_path / "run" / "history.csv")))
+    rows = _history(tmp_path / "run" / "history.csv")
     assert float(rows[-1]["train_loss"]) < 0.5 * float(rows[0]["train_loss"])
     assert result.metrics["evaluated_on"].startswith("training")
     assert result.metrics["accuracy"] == 1.0, result.metrics
+
+
+def _history(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
 
 
 class _Crash(Exception):
@@ -66,11 +70,11 @@ def test_resume_continues_where_it_stopped(tiny_dataset: Path, tmp_path: Path) -
     part = tmp_path / "part"
     with pytest.raises(_Crash):
         train(tiny_dataset, part, load_config(None, cfg), device="cpu", on_event=crash_after_epoch_2)
-    assert [r["epoch"] for r in csv.DictReader(open(part / "history.csv"))] == ["1", "2"]
+    assert [r["epoch"] for r in _history(part / "history.csv")] == ["1", "2"]
     resumed = train(tiny_dataset, part, load_config(None, cfg), device="cpu", resume=True)
     assert resumed.epochs_run == full.epochs_run == 4
-    a = list(csv.DictReader(open(tmp_path / "full" / "history.csv")))
-    b = list(csv.DictReader(open(part / "history.csv")))
+    a = _history(tmp_path / "full" / "history.csv")
+    b = _history(part / "history.csv")
     assert [r["epoch"] for r in b] == ["1", "2", "3", "4"]
     for ra, rb in zip(a, b, strict=True):  # same seed, same data: resumed run == uninterrupted run
         assert float(ra["train_loss"]) == pytest.approx(float(rb["train_loss"]), rel=1e-4, abs=1e-6)
