@@ -20,8 +20,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # click's ClickException (vendored inside typer in recent releases): usage errors that click
 # reports itself with exit code 2
-_USAGE_ERRORS: tuple[type[Exception], ...] = tuple(
-    c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"
+_PASS_THROUGH: tuple[type[BaseException], ...] = (
+    typer.Exit,
+    typer.Abort,
+    SystemExit,
+    *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"),
 )
 
 
@@ -45,7 +48,7 @@ def handles_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (typer.Exit, typer.Abort, SystemExit, *_USAGE_ERRORS):
+        except _PASS_THROUGH:
             raise  # usage errors keep click's exit code 2 and its message
         except CtsparseError as exc:
             if State.debug:
