@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -12,8 +13,10 @@ from rich.console import Console
 
 from ctsparse.errors import CtsparseError
 
-console = Console()
-err_console = Console(stderr=True)
+# Piped output (CI logs, `| tee`) would otherwise be wrapped at 80 columns and unreadable.
+_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200
+console = Console(width=_WIDTH)
+err_console = Console(stderr=True, width=_WIDTH)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
