@@ -110,3 +110,22 @@ def test_float32_matches_within_single_precision() -> None:
     dense[bi, :, xi, yi, zi] = feats
     ref = torch.nn.functional.conv3d(dense, w, padding=1)[bi, :, xi, yi, zi]
     torch.testing.assert_close(y.F[perm].double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def _cuda_ready() -> bool:
+    return torch.cuda.is_available() and bool(ME.is_cuda_available())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_ready(), reason="needs a CUDA device and a CUDA build of MinkowskiEngine")
+def test_cuda_convolution_matches_cpu() -> None:
+    rng = torch.Generator().manual_seed(11)
+    _, coords, feats = random_sparse(rng, 2, 16, 0.2, 8)
+    conv = ME.MinkowskiConvolution(8, 16, kernel_size=3, dimension=3)
+    x_cpu = ME.SparseTensor(feats.float(), coordinates=coords)
+    y_cpu = conv(x_cpu)
+    conv_gpu = conv.to("cuda")
+    y_gpu = conv_gpu(ME.SparseTensor(feats.float(), coordinates=coords, device="cuda"))
+    cpu_rows = {tuple(c): f for c, f in zip(y_cpu.C.tolist(), y_cpu.F, strict=True)}
+    got = torch.stack([cpu_rows[tuple(c)] for c in y_gpu.C.cpu().tolist()])
+    torch.testing.assert_close(y_gpu.F.cpu(), got, rtol=1e-4, atol=1e-4)

@@ -155,3 +155,16 @@ def test_bad_config_key_is_one_line(tiny_dataset: Path, tmp_path: Path) -> None:
     )
     assert res.exit_code == 1
     assert "train.epoch" in res.output and "unknown key" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs a CUDA device (none on this machine)"
+)
+def test_train_and_predict_on_cuda(tiny_dataset: Path, tmp_path: Path) -> None:
+    cfg = load_config(None, [*TINY_TRAIN, "train.epochs=1"])
+    train(tiny_dataset, tmp_path / "run", cfg, device="cuda")
+    from ctsparse.predict import predict
+
+    rows = predict(tmp_path / "run" / "best.pt", [tiny_dataset], device="cuda")
+    assert all(not r["error"] and r["peak_cuda_mb"] > 0 for r in rows)
