@@ -24,11 +24,18 @@ def predict(
     series: Annotated[
         str | None, typer.Option("--series", help="SeriesInstanceUID to take from multi-series folders.")
     ] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads for torch/ME (default: all cores).")
+    ] = None,
 ) -> None:
     """Predict labels for CT scans with a trained checkpoint."""
     from ctsparse.predict import predict as run_predict
     from ctsparse.predict import summarize
 
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     if out is not None and out.suffix.lower() not in (".csv", ".json"):
         raise typer.BadParameter(f"{out}: --out must end in .csv or .json")
     t0 = time.perf_counter()

@@ -111,6 +111,9 @@ def train(
     workers: Annotated[
         int | None, typer.Option(help="Preprocessing worker processes (data.workers).")
     ] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads for torch/ME (default: all cores).")
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in OUT.")] = False,
     set_: Annotated[
@@ -119,6 +122,11 @@ def train(
 ) -> None:
     """Train a sparse (or dense-twin) classifier on labelled CT scans."""
     from ctsparse.config import load_config
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
     overrides = list(set_ or [])
     for key, value in (
