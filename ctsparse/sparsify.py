@@ -90,6 +90,25 @@ def largest_component(mask: BoolArray) -> BoolArray:
     return out
 
 
+def body_region(mask: BoolArray) -> BoolArray:
+    """Largest component of `mask` with the holes of each axial slice filled.
+
+    The fill runs in-plane only (a structuring element without through-plane neighbours), because
+    in 3D the lungs open to the outside through the trachea and would never count as holes.
+    """
+    from scipy import ndimage
+
+    body = largest_component(mask)
+    box = bounding_box(body)
+    if box is None:
+        return body
+    sl = tuple(slice(lo, hi) for lo, hi in box)
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
+    body[sl] = ndimage.binary_fill_holes(body[sl], structure=in_plane)
+    return body
+
+
 def bounding_box(mask: BoolArray) -> list[tuple[int, int]] | None:
     """[(lo, hi)] per axis, hi exclusive, or None for an empty mask. Three cheap projections."""
     box = []
@@ -147,10 +166,12 @@ def _encode_patch(hu: FloatArray, keep: BoolArray, cfg: PreprocessConfig) -> tup
 def sparsify(volume: Volume, cfg: PreprocessConfig) -> SparseVolume:
     """Keep the voxels that carry anatomy and encode them as sparse sites.
 
-    Body mask: the largest 26-connected component is taken of HU >= min(threshold, -500), then
-    intersected with the kept mask. For the default body threshold this is the kept mask itself;
-    for a HU range such as a bone window (200..3000) a largest-component filter on the kept mask
-    would keep one bone and drop the rest, so the body is found at -500 and the window applied inside.
+    Body mask: the body is the largest 26-connected component of HU >= min(threshold, -500) with
+    its in-plane holes filled (`body_region`), and kept voxels outside it are dropped. Filling the
+    holes matters: a lung nodule or a vessel segment is surrounded by lung parenchyma below the
+    threshold, so it is not connected to the chest wall, yet it is exactly the anatomy a classifier
+    needs; the table and blankets, outside the body outline, are still removed. For a HU range
+    such as a bone window (200..3000) the body is found at -500 and the range applied inside.
 
     Raises:
         ScanError: nothing survives the threshold (and body mask).
@@ -172,10 +193,8 @@ def sparsify(volume: Volume, cfg: PreprocessConfig) -> SparseVolume:
     with _timed(times, "mask"):
         if cfg.body_mask:
             body_level = min(cfg.threshold, BODY_HU)
-            if body_level == cfg.threshold and cfg.threshold_max is None:
-                keep = largest_component(keep)
-            else:
-                keep &= largest_component(hu >= body_level)
+            body = keep if body_level == cfg.threshold and cfg.threshold_max is None else hu >= body_level
+            keep &= body_region(body)
         n_kept = int(np.count_nonzero(keep))
     if n_kept == 0:
         raise ScanError(volume.source, _nothing_survives(hu, cfg) + " inside the body mask")

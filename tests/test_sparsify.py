@@ -112,6 +112,20 @@ def test_body_mask_drops_table():
     assert sv_all.n_sites == 864 + 240
 
 
+def test_body_mask_keeps_a_nodule_floating_in_a_lung_but_drops_the_table():
+    """A nodule is cut off from the chest wall by lung below the threshold: still anatomy."""
+    hu = np.full((30, 30, 10), -1000.0, dtype=np.float32)
+    hu[3:27, 8:27, :] = 40.0  # body
+    hu[6:24, 11:24, :] = -850.0  # a lung, enclosed by the body wall in every axial slice
+    hu[14:17, 16:19, 4:7] = 30.0  # a 27-voxel nodule inside it, touching nothing
+    hu[3:27, 2:4, :] = 200.0  # the table, below the body, separated by air
+    sv = sparsify(Volume(hu, _affine(), "lung"), PreprocessConfig(crop=False, threshold=-500))
+    kept = {tuple(c) for c in sv.coords.tolist()}
+    assert (15, 17, 5) in kept
+    assert (10, 3, 5) not in kept
+    assert sv.n_sites == int(np.count_nonzero(hu[:, 8:, :] >= -500))
+
+
 def test_diagonal_neighbours_are_connected():
     arr = np.full((6, 6, 6), -1000.0, dtype=np.float32)
     arr[1, 1, 1] = arr[2, 2, 2] = arr[3, 3, 3] = 0.0  # one 26-connected chain
