@@ -20,7 +20,6 @@ import argparse
 import hashlib
 import html.parser
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -107,7 +106,10 @@ def want_cuda(choice: str | None) -> bool:
     if choice == "cpu":
         return False
     has_cuda_torch = torch.version.cuda is not None
-    has_nvcc = shutil.which("nvcc") is not None or Path(os.environ.get("CUDA_HOME", "/nonexistent"), "bin/nvcc").exists()
+    has_nvcc = (
+        shutil.which("nvcc") is not None
+        or Path(os.environ.get("CUDA_HOME", "/nonexistent"), "bin/nvcc").exists()
+    )
     if choice == "cuda" and not (has_cuda_torch and has_nvcc):
         raise SystemExit("--cuda needs a CUDA build of torch and nvcc on PATH (or CUDA_HOME)")
     return has_cuda_torch and has_nvcc
@@ -131,19 +133,69 @@ def cache_key(cuda: bool) -> str:
     return f"{VERSION}-{py}-torch{torch.__version__}-{flavour}-{digest.hexdigest()[:12]}"
 
 
-def cuda_env(env: dict[str, str]) -> dict[str, str]:
-    """CUDA 13 toolkits ship without cusparse.h; torch's nvidia-* wheels carry it."""
+def toolkit_root() -> str | None:
+    """The CUDA toolkit directory of the nvcc on PATH, as nvcc itself reports it.
+
+    torch guesses CUDA_HOME as the parent of nvcc's directory, which is wrong when nvcc is a wrapper
+    script or a symlink farm (e.g. /usr/local/bin/nvcc -> CUDA_HOME=/usr/local, without headers).
+    """
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    cmd = [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull]
+    dry = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    for line in (dry.stdout + dry.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            top = Path(line[len("#$ TOP=") :].strip().strip('"')).resolve()
+            if (top / "include" / "cuda_runtime.h").exists():
+                return str(top)
+    return str(Path(nvcc).resolve().parent.parent)
+
+
+def cuda_env(env: dict[str, str], scratch: Path) -> dict[str, str]:
+    """Point the build at the toolkit and at torch's nvidia-* wheels.
+
+    CUDA 13 toolkits ship without cusparse.h/libcusparse; torch's nvidia-* wheels carry them, but
+    only as runtime sonames (libcusparse.so.12), so `-lcusparse` needs an unversioned link name.
+    """
     import site
 
-    extra_inc, extra_lib = [], []
+    import torch
+
+    if not (env.get("CUDA_HOME") or env.get("CUDA_PATH")):
+        root = toolkit_root()
+        if root:
+            env["CUDA_HOME"] = root
+    log(f"CUDA_HOME={env.get('CUDA_HOME') or env.get('CUDA_PATH')}")
+    link_dir = scratch / "cuda-link-names"
+    link_dir.mkdir(exist_ok=True)
+    extra_inc, extra_lib = [], [str(link_dir)]
+    runtime_dirs = [Path(torch.__file__).parent / "lib"]
     for sp in site.getsitepackages():
         for inc in Path(sp, "nvidia").glob("*/include"):
             extra_inc.append(str(inc))
         for lib in Path(sp, "nvidia").glob("*/lib"):
             extra_lib.append(str(lib))
+            runtime_dirs.append(lib)
+            for so in sorted(lib.glob("lib*.so.*")):
+                name = link_dir / (so.name.split(".so.")[0] + ".so")
+                if not (lib / name.name).exists() and not name.exists():
+                    name.symlink_to(so)
     env["CPATH"] = os.pathsep.join([*extra_inc, env.get("CPATH", "")]).strip(os.pathsep)
     env["LIBRARY_PATH"] = os.pathsep.join([*extra_lib, env.get("LIBRARY_PATH", "")]).strip(os.pathsep)
-    env.setdefault("TORCH_CUDA_ARCH_LIST", "7.0;7.5;8.0;8.6;9.0")
+    # Let _C*.so (installed in <platlib>/MinkowskiEngineBackend/) find torch's and the nvidia wheels'
+    # libraries the way torch's own libraries do: through an $ORIGIN-relative RPATH.
+    platlib = Path(sysconfig.get_paths()["platlib"]).resolve()
+    rpath = [
+        f"$ORIGIN/../{d.resolve().relative_to(platlib)}" if d.resolve().is_relative_to(platlib) else str(d)
+        for d in runtime_dirs
+    ]
+    env["LDFLAGS"] = " ".join([f"-Wl,-rpath,{':'.join(rpath)}", env.get("LDFLAGS", "")]).strip()
+    # CUDA 13 dropped sm_70/sm_72 (Volta); +PTX lets newer GPUs JIT the kernels.
+    cuda_major = int((torch.version.cuda or "0").split(".")[0])
+    env.setdefault(
+        "TORCH_CUDA_ARCH_LIST", "7.5;8.0;8.6;9.0+PTX" if cuda_major >= 13 else "7.0;7.5;8.0;8.6;9.0"
+    )
     return env
 
 
@@ -161,12 +213,22 @@ def build_wheel(cuda: bool, out_dir: Path) -> Path:
         env["MINKOWSKI_SETUP_ARGS"] = " ".join(flags)
         env.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
         if cuda:
-            env = cuda_env(env)
+            env = cuda_env(env, Path(tmp))
         log(f"building wheel ({' '.join(flags)}, MAX_JOBS={env['MAX_JOBS']}); takes minutes")
         start = time.time()
         wheel_dir = Path(tmp) / "wheel"
         subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w", str(wheel_dir), str(src)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-build-isolation",
+                "--no-deps",
+                "-w",
+                str(wheel_dir),
+                str(src),
+            ],
             check=True,
             env=env,
         )
