@@ -40,6 +40,13 @@ def main() -> None:
     ap.add_argument("--config", default="configs/phantom.yaml")
     ap.add_argument("--backends", default="sparse,dense")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per training process")
+    ap.add_argument(
+        "--parallel",
+        action="store_true",
+        help="train the backends at the same time (1 thread each on a 2-core machine): both see the "
+        "same machine load, which a sequential run on a shared machine cannot promise",
+    )
     args = ap.parse_args()
     work: Path = args.work
     train_dir, test_dir = work / "train", work / "test"
@@ -50,31 +57,55 @@ def main() -> None:
     with open(test_dir / "labels.csv") as fh:
         truth = {str((test_dir / r["path"]).resolve()): r["label"] for r in csv.DictReader(fh)}
 
-    results = {}
+    runs = {}
     for backend in args.backends.split(","):
         run_dir = work / f"run-{backend}"
-        sets = [f"model.backend={backend}", f"train.max_minutes={args.minutes}"]
-        for o in args.overrides:
-            sets.append(o)
-        train_s = run(
-            [
-                *CTSPARSE,
-                "train",
-                str(train_dir),
-                "--config",
-                args.config,
-                "--out",
-                str(run_dir),
-                "--overwrite",
-                *[x for s in sets for x in ("--set", s)],
-            ]
+        sets = [f"model.backend={backend}", f"train.max_minutes={args.minutes}", *args.overrides]
+        cmd = [
+            *CTSPARSE,
+            "train",
+            str(train_dir),
+            "--config",
+            args.config,
+            "--out",
+            str(run_dir),
+            "--overwrite",
+        ]
+        cmd += [x for s in sets for x in ("--set", s)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        print("+", " ".join(cmd), flush=True)
+        log = open(work / f"train-{backend}.log", "w")  # noqa: SIM115 - closed after wait()
+        runs[backend] = (
+            run_dir,
+            subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT),
+            time.perf_counter(),
+            log,
         )
+        if not args.parallel:
+            runs[backend][1].wait()
+    results = {}
+    for backend, (run_dir, proc, t0, log) in runs.items():
+        if proc.wait() != 0:
+            raise SystemExit(f"training {backend} failed: see {log.name}")
+        train_s = time.perf_counter() - t0
+        log.close()
         with open(run_dir / "history.csv") as fh:
             history = list(csv.DictReader(fh))
         pred_json = run_dir / "test_predictions.json"
+        threads = ["--threads", str(args.threads)] if args.threads else []
         subprocess.run(
-            [*CTSPARSE, "predict", str(run_dir / "best.pt"), str(test_dir), "--out", str(pred_json)],
+            [
+                *CTSPARSE,
+                "predict",
+                str(run_dir / "best.pt"),
+                str(test_dir),
+                "--out",
+                str(pred_json),
+                *threads,
+            ],
             check=False,
+            stdout=subprocess.DEVNULL,
         )
         rows = json.loads(pred_json.read_text())["rows"]
         ok = [r for r in rows if not r.get("error")]
