@@ -41,3 +41,14 @@ def test_debug_flag_shows_traceback(tmp_path: Path) -> None:
     loud = CliRunner().invoke(app, ["--debug", "predict", missing, "x.nii.gz"])
     assert loud.exit_code != 0
     assert type(loud.exception).__name__ == "CheckpointError"
+
+
+def test_doctor_fails_with_a_fix_when_me_is_missing() -> None:
+    code = (
+        "import sys; sys.modules['MinkowskiEngine'] = None; sys.argv = ['ctsparse', 'doctor']; "
+        "from ctsparse.cli.main import run; run()"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert res.returncode == 1
+    assert "MinkowskiEngine" in res.stderr and "scripts/setup.sh" in res.stderr
+    assert "Traceback" not in res.stderr

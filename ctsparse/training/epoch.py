@@ -68,7 +68,7 @@ def run_epoch(
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
         scheduler.step()
-        losses += float(loss) * len(idx)
+        losses += float(loss.detach()) * len(idx)
         correct += int((logits.argmax(1) == batch.labels).sum())
         seen += len(idx)
         sites += sum(batch.n_sites)
@@ -79,7 +79,7 @@ def run_epoch(
                 "epoch": epoch,
                 "batch": b + 1,
                 "n_batches": n_batches,
-                "loss": float(loss),
+                "loss": float(loss.detach()),
                 "sites_per_s": sites / elapsed if elapsed else 0.0,
             },
         )
