@@ -21,3 +21,11 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
     generate_phantoms(root, 8, seed=3, shape=(32, 32, 20), spacing=(11.0, 11.0, 16.0), nodule_mm=(25.0, 35.0))
     return root
+
+
+@pytest.fixture(autouse=True)
+def _no_debug_leak() -> None:
+    """`--debug` sets process-wide state; a test that used it must not change later tests."""
+    from ctsparse.cli.console import State
+
+    State.debug = False
