@@ -12,6 +12,10 @@ from .render import atomic_path, fmt_float, fmt_pct, make_table, write_json
 
 DEFAULT_THRESHOLDS = "-500,-300,-100,100,200,400"
 DEFAULT_FILLS = "0.02,0.05,0.1,0.2,0.4"
+NUMERIC_COLUMNS = [
+    "sites", "occupancy", "sparse fwd s", "dense fwd s", "speed-up", "x ideal",
+    "sparse step s", "dense step s", "sparse MB", "dense MB",
+]  # fmt: skip
 
 
 def _floats(text: str) -> list[float]:
@@ -131,31 +135,8 @@ def benchmark(
         )
     table = make_table(
         f"sparse vs dense twin ({dev}, {torch.get_num_threads()} threads, median of {runs})",
-        [
-            "case",
-            "sites",
-            "occupancy",
-            "sparse fwd s",
-            "dense fwd s",
-            "speed-up",
-            "x ideal",
-            "sparse step s",
-            "dense step s",
-            "sparse MB",
-            "dense MB",
-        ],
-        right=[
-            "sites",
-            "occupancy",
-            "sparse fwd s",
-            "dense fwd s",
-            "speed-up",
-            "x ideal",
-            "sparse step s",
-            "dense step s",
-            "sparse MB",
-            "dense MB",
-        ],
+        ["case", *NUMERIC_COLUMNS],
+        right=NUMERIC_COLUMNS,
     )
     for r in rows:
         if "layers" in r:

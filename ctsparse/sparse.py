@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from ctsparse.fileio import atomic_write
 
 CACHE_FORMAT = 1
 
@@ -84,22 +85,14 @@ def save_sparse(sv: SparseVolume, path: str | Path) -> None:
         "stats": sv.stats,
         "source": sv.source,
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(
-                fh,
-                coords=sv.coords,
-                feats=sv.feats,
-                affine=sv.affine,
-                meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-            )
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as fh:
+        np.savez(
+            fh,
+            coords=sv.coords,
+            feats=sv.feats,
+            affine=sv.affine,
+            meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+        )
 
 
 def load_sparse(path: str | Path) -> SparseVolume:

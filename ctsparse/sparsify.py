@@ -14,9 +14,6 @@ Conventions (all exact, all in the affine):
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,7 @@ import numpy.typing as npt
 
 from ctsparse.config import PreprocessConfig
 from ctsparse.errors import ScanError
+from ctsparse.profiling import stage
 from ctsparse.sparse import SparseVolume, content_key, default_cache_dir, load_sparse, save_sparse
 from ctsparse.volume import Volume
 
@@ -37,15 +35,6 @@ _CHUNK = 1 << 22  # bincount over chunks stays in cache: ~10x faster than one pa
 
 FloatArray = npt.NDArray[np.float32]
 BoolArray = npt.NDArray[np.bool_]
-
-
-@contextmanager
-def _timed(times: dict[str, float], name: str) -> Iterator[None]:
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        times[name] = times.get(name, 0.0) + time.perf_counter() - t0
 
 
 def resample(
@@ -179,18 +168,18 @@ def sparsify(volume: Volume, cfg: PreprocessConfig) -> SparseVolume:
     times: dict[str, float] = {}
     stats: dict[str, Any] = {"voxels_in": int(np.prod(volume.shape)), "grid_shape_in": list(volume.shape)}
     hu, affine = volume.array, volume.affine
-    with _timed(times, "resample"):
+    with stage(times, "resample"):
         if cfg.spacing is not None:
             hu, affine = resample(hu, affine, cfg.spacing)
     stats["grid_shape_resampled"] = list(hu.shape)
-    with _timed(times, "threshold"):
+    with stage(times, "threshold"):
         keep = hu >= cfg.threshold  # NaN compares False: never kept
         if cfg.threshold_max is not None:
             keep &= hu <= cfg.threshold_max
         n_thr = int(np.count_nonzero(keep))
     if n_thr == 0:
         raise ScanError(volume.source, _nothing_survives(hu, cfg))
-    with _timed(times, "mask"):
+    with stage(times, "mask"):
         if cfg.body_mask:
             body_level = min(cfg.threshold, BODY_HU)
             body = keep if body_level == cfg.threshold and cfg.threshold_max is None else hu >= body_level
@@ -198,7 +187,7 @@ def sparsify(volume: Volume, cfg: PreprocessConfig) -> SparseVolume:
         n_kept = int(np.count_nonzero(keep))
     if n_kept == 0:
         raise ScanError(volume.source, _nothing_survives(hu, cfg) + " inside the body mask")
-    with _timed(times, "encode"):
+    with stage(times, "encode"):
         box = bounding_box(keep) if cfg.crop else None
         if box is not None:
             sl = tuple(slice(lo, hi) for lo, hi in box)

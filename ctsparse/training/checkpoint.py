@@ -6,11 +6,9 @@ never arbitrary objects, so a checkpoint from an untrusted source cannot run cod
 
 from __future__ import annotations
 
-import os
 import pickle
 import platform
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 from ctsparse import __version__
 from ctsparse.config import Config, from_dict, to_dict
 from ctsparse.errors import CheckpointError, ConfigError
+from ctsparse.fileio import atomic_write
 
 FORMAT = "ctsparse-checkpoint"
 FORMAT_VERSION = 1
@@ -66,16 +65,8 @@ def save_checkpoint(
         "versions": versions(),
         "extra": extra or {},
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as fh:
+        torch.save(payload, fh)
 
 
 def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
