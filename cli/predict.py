@@ -39,14 +39,14 @@ def predict(
     if out is not None and out.suffix.lower() not in (".csv", ".json"):
         raise typer.BadParameter(f"{out}: --out must end in .csv or .json")
     t0 = time.perf_counter()
-    rows: list[dict[str, Any]] = []
+    done: list[str] = []
     with console.status("predicting...") as status:
 
         def on_row(row: dict[str, Any]) -> None:
-            rows.append(row)
-            status.update(f"predicted {len(rows)} scan(s): {Path(row['path']).name}")
+            done.append(row["path"])
+            status.update(f"predicted {len(done)} scan(s): {Path(row['path']).name}")
 
-        run_predict(
+        rows = run_predict(
             checkpoint, inputs, device=device, batch_size=batch_size, series_uid=series, on_row=on_row
         )
     summary = summarize(rows, time.perf_counter() - t0)

@@ -148,7 +148,15 @@ def train(
     from ctsparse.training.loop import train as run_training
 
     with _progress() as progress:
-        result = run_training(data, out, cfg, device=device, resume=resume, on_event=TrainDisplay(progress))
+        result = run_training(
+            data,
+            out,
+            cfg,
+            device=device,
+            resume=resume,
+            resume_epochs=epochs,
+            on_event=TrainDisplay(progress),
+        )
     m = result.metrics
     table = make_table(f"run {out}", ["metric", "value"], right=["value"])
     table.add_row("best epoch", str(result.best_epoch))

@@ -96,8 +96,10 @@ def predict(
                 on_row(row)
         pending.clear()
 
-    for path, err in expand_inputs(inputs):
+    position: dict[int, int] = {}
+    for index, (path, err) in enumerate(expand_inputs(inputs)):
         row: Row = {"path": str(path), "error": err}
+        position[id(row)] = index
         if err is None:
             try:
                 with peak_memory() as prep_mem:
@@ -133,6 +135,8 @@ def predict(
         if on_row:
             on_row(row)
     flush()
+    # batching finishes scans out of input order; report them in input order
+    rows.sort(key=lambda r: position[id(r)])
     return rows
 
 

@@ -102,6 +102,14 @@ def test_cli_train_then_predict_in_process(tiny_dataset: Path, tmp_path: Path) -
     assert set(metrics["auroc_per_class"]) == {"normal", "nodule"}
     assert len(metrics["confusion_matrix"]) == 2
 
+    # --resume of a finished run without --epochs does nothing more; with --epochs it extends it
+    res = runner.invoke(app, ["train", str(tiny_dataset), "--out", str(out), "--resume"])
+    assert res.exit_code == 0, res.output
+    assert [r["epoch"] for r in _history(out / "history.csv")] == ["1", "2"]
+    res = runner.invoke(app, ["train", str(tiny_dataset), "--out", str(out), "--resume", "--epochs", "3"])
+    assert res.exit_code == 0, res.output
+    assert [r["epoch"] for r in _history(out / "history.csv")] == ["1", "2", "3"]
+
     # an existing run is not overwritten silently
     again = runner.invoke(app, ["train", str(tiny_dataset), "--out", str(out), *sets])
     assert again.exit_code == 1 and "--resume" in again.output
@@ -128,6 +136,9 @@ def test_cli_train_then_predict_in_process(tiny_dataset: Path, tmp_path: Path) -
     rows = json.loads(pred.read_text())["rows"]
     ok = [r for r in rows if not r["error"]]
     assert len(ok) == 8 and len(rows) == 10
+    # rows come back in input order even though batches of 3 finish out of order
+    assert [Path(r["path"]).name for r in rows][-2:] == ["bad.nii.gz", "missing.nii.gz"]
+    assert [r["path"] for r in ok] == sorted(r["path"] for r in ok)
     for r in ok:
         assert r["label"] in ("normal", "nodule")
         assert r["p_normal"] + r["p_nodule"] == pytest.approx(1.0, abs=1e-5)

@@ -65,8 +65,15 @@ def train(
     *,
     device: str = "auto",
     resume: bool = False,
+    resume_epochs: int | None = None,
     on_event: Event | None = None,
 ) -> TrainResult:
+    """Train on a labelled dataset; with resume=True continue OUT/last.pt under its own config.
+
+    Args:
+        cfg: the run's config (ignored when resuming: the checkpoint's config wins).
+        resume_epochs: when resuming, a new total epoch count (to extend a finished run).
+    """
     emit = on_event or (lambda kind, info: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,9 +83,9 @@ def train(
         if not last.is_file():
             raise CtsparseError(f"{last}: nothing to resume (no last.pt in {out})")
         ckpt = load_checkpoint(last)
-        epochs_wanted = cfg.train.epochs
         cfg = ckpt.config  # the run's own config wins; only the epoch budget may be extended
-        cfg.train.epochs = max(epochs_wanted, cfg.train.epochs)
+        if resume_epochs is not None:
+            cfg.train.epochs = resume_epochs
         state = ckpt.extra
         state["state_dict"] = ckpt.state_dict
     dev = resolve_device(device, need_me=cfg.model.backend == "sparse")
