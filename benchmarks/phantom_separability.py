@@ -34,7 +34,8 @@ def main() -> None:
     for label, sizes in islands.items():
         p10, p50, p90 = np.percentile(sizes, [10, 50, 90])
         print(
-            f"{label:>8}: largest island (voxels) p10 {p10:.0f}  median {p50:.0f}  p90 {p90:.0f}  (n={len(sizes)})"
+            f"{label:>8}: largest island (voxels) p10 {p10:.0f}  median {p50:.0f}  "
+            f"p90 {p90:.0f}  (n={len(sizes)})"
         )
 
 
