@@ -20,6 +20,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
+from ctsparse.fileio import atomic_write_text
 from ctsparse.profiling import format_bytes, format_seconds
 
 __all__ = [
@@ -64,10 +65,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
 
 
 def write_text_atomic(target: str | Path, text: str) -> None:
-    with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
+    atomic_write_text(target, text)
 
 
 def jsonable(obj: Any) -> Any:

@@ -29,3 +29,9 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """`atomic_write` for a whole text file (UTF-8)."""
+    with atomic_write(path) as fh:
+        fh.write(text.encode("utf-8"))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ctsparse.fileio import atomic_write_text
 
 COLUMNS = [
     "epoch",
@@ -74,12 +77,11 @@ def read(path: Path) -> list[dict[str, str]]:
 def truncate(path: Path, last_epoch: int) -> None:
     """Keep rows up to last_epoch (what the checkpoint we resume from has seen); drop partial lines."""
     rows = [r for r in read(path) if int(r["epoch"]) <= last_epoch]
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def plots(out: Path, classes: list[str], metrics: dict[str, Any]) -> None:

@@ -24,6 +24,7 @@ from ctsparse.config import Config, to_dict
 from ctsparse.data.datasets import discover_dataset, stratified_split
 from ctsparse.device import resolve_device
 from ctsparse.errors import CtsparseError, DatasetError
+from ctsparse.fileio import atomic_write_text
 from ctsparse.sparse import SparseVolume
 from ctsparse.training import history as hist
 from ctsparse.training.checkpoint import load_checkpoint, save_checkpoint
@@ -116,7 +117,8 @@ def train(
     by_path = {s.path: (sv, classes.index(s.label)) for s, sv in ok}
     train_set = [by_path[s.path] for s in train_s]
     val_set = [by_path[s.path] for s in val_s]
-    (out / "split.json").write_text(
+    atomic_write_text(
+        out / "split.json",
         json.dumps(
             {
                 "train": [str(s.path) for s in train_s],
@@ -124,7 +126,7 @@ def train(
                 "skipped": skipped,
             },
             indent=1,
-        )
+        ),
     )
     in_channels = train_set[0][0].n_channels
 
@@ -161,7 +163,7 @@ def train(
         hist.truncate(out / "history.csv", int(state["epoch"]))
     else:
         hist.truncate(out / "history.csv", 0)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     stop = {"flag": False}
 
@@ -240,7 +242,7 @@ def train(
 
     metrics = _final_metrics(out, val_set or train_set, cfg, dev, loss_fn, classes, bool(val_set))
     metrics["skipped"] = skipped
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     hist.plots(out, classes, metrics)
     emit("done", {"metrics": metrics, "interrupted": interrupted})
     return TrainResult(out, best_epoch, best_score, last_done, metrics, skipped, interrupted)
