@@ -5,8 +5,9 @@
 Measures the median wall time (and peak RSS during the call) of
   (a) bare pydicom: dcmread + pixel_array of every file, stacked (no sorting, no HU, no geometry),
   (b) ctsparse.io.read_volume (grouping, sorting, HU, geometry checks, canonical orientation),
-  (c) read_volume + sparsify with the default preprocess config,
-  (d) SimpleITK ImageSeriesReader, when SimpleITK is installed.
+  (c) read_volume + sparsify with the default preprocess config (native resolution),
+  (d) read_volume(spacing=3.65,3.65,5): resampled slice by slice while decoding,
+  (e) SimpleITK ImageSeriesReader, when SimpleITK is installed.
 If the folder is missing or empty, a synthetic series (default 300 slices of 512x512) is written
 into it once: with benchmarks/make_big_phantom_dicom.py if present (512x512 only), else from
 synthetic_body() through ctsparse.io.write.write_dicom_series (`--size 128` for a quick check).
@@ -94,6 +95,12 @@ def ctsparse_read_sparsify(folder: Path) -> Any:
     return sparsify(read_volume(folder), PreprocessConfig())
 
 
+def ctsparse_read_resampled(folder: Path) -> Any:
+    from ctsparse.io import read_volume
+
+    return read_volume(folder, spacing=(3.65, 3.65, 5.0))
+
+
 def sitk_read(folder: Path) -> Any:
     import SimpleITK as sitk
 
@@ -102,20 +109,32 @@ def sitk_read(folder: Path) -> Any:
     return sitk.GetArrayFromImage(reader.Execute())
 
 
-def measure(fn: Callable[[Path], Any], folder: Path, runs: int) -> tuple[dict[str, Any], Any]:
-    times, peaks, result = [], [], None
+def measure(
+    methods: list[tuple[str, Callable[[Path], Any]]], folder: Path, runs: int
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Interleaved: run k of every method, then run k + 1, so load changes hit all methods alike."""
+    times: dict[str, list[float]] = {name: [] for name, _ in methods}
+    peaks: dict[str, list[int]] = {name: [] for name, _ in methods}
+    last: dict[str, Any] = {}
     for _ in range(runs):
-        result = None  # free the previous result so runs do not overlap in memory
-        with peak_memory() as mem:
-            t0 = time.perf_counter()
-            result = fn(folder)
-            times.append(time.perf_counter() - t0)
-        peaks.append(mem.delta_bytes)
-    return {
-        "median_s": statistics.median(times),
-        "runs_s": [round(t, 4) for t in times],
-        "peak_delta_bytes": max(peaks),
-    }, result
+        for name, fn in methods:
+            last.pop(name, None)  # free the previous result so runs do not overlap in memory
+            with peak_memory() as mem:
+                t0 = time.perf_counter()
+                out = fn(folder)
+                times[name].append(time.perf_counter() - t0)
+            peaks[name].append(mem.delta_bytes)
+            last[name] = out
+            del out
+    stats = {
+        name: {
+            "median_s": statistics.median(times[name]),
+            "runs_s": [round(t, 4) for t in times[name]],
+            "peak_delta_bytes": max(peaks[name]),
+        }
+        for name, _ in methods
+    }
+    return stats, last
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,25 +153,25 @@ def main(argv: list[str] | None = None) -> int:
         ("pydicom dcmread+pixel_array", bare_pydicom),
         ("ctsparse read_volume", ctsparse_read),
         ("read_volume + sparsify", ctsparse_read_sparsify),
+        ("read_volume(spacing=3.65,3.65,5)", ctsparse_read_resampled),
     ]
     try:
         import SimpleITK  # noqa: F401
 
         methods.append(("SimpleITK ImageSeriesReader", sitk_read))
     except ImportError:
-        print("SimpleITK is not installed: skipped (d)")
-    results: dict[str, Any] = {}
+        print("SimpleITK is not installed: skipped (e)")
     sparse_stats: dict[str, Any] = {}
-    for name, fn in methods:
-        results[name], out = measure(fn, args.folder, args.runs)
+    results, last = measure(methods, args.folder, args.runs)
+    for name, out in last.items():
         if name == "read_volume + sparsify":
             sparse_stats = {k: out.stats[k] for k in ("kept", "sites", "occupancy_input", "times")}
             sparse_stats["grid_shape"] = list(out.grid_shape)
         elif isinstance(out, Volume):
             results[name]["shape"] = list(out.shape)
-        del out
+    del last
 
-    print(f"\n{n_files} files, {format_bytes(n_bytes)} ({source}); median of {args.runs} runs")
+    print(f"\n{n_files} files, {format_bytes(n_bytes)} ({source}); median of {args.runs} interleaved runs")
     print(f"{'method':32} {'median':>10} {'peak RSS +':>12}")
     for name, r in results.items():
         print(f"{name:32} {format_seconds(r['median_s']):>10} {format_bytes(r['peak_delta_bytes']):>12}")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 
@@ -12,9 +13,10 @@ from .render import atomic_path, fmt_float, fmt_pct, make_table, write_json
 
 DEFAULT_THRESHOLDS = "-500,-300,-100,100,200,400"
 DEFAULT_FILLS = "0.02,0.05,0.1,0.2,0.4"
+BONE_HU = 200.0
 NUMERIC_COLUMNS = [
     "sites", "occupancy", "sparse fwd s", "dense fwd s", "speed-up", "x ideal",
-    "sparse step s", "dense step s", "sparse MB", "dense MB",
+    "sparse step s", "dense step s", "sparse fwd MB", "dense fwd MB",
 ]  # fmt: skip
 
 
@@ -26,31 +28,41 @@ def _floats(text: str) -> list[float]:
 
 
 def _plot(rows: list[dict[str, Any]], target: Path) -> None:
+    """Time vs occupancy on the base grid; time vs grid size over the resolution sweep; memory."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = sorted((r for r in rows if "sparse_forward_s" in r), key=lambda r: r["occupancy"])
-    occ = [100 * r["occupancy"] for r in pts]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    a1.plot(occ, [r["sparse_forward_s"] for r in pts], "o-", label="sparse (ME)")
-    dense = [(100 * r["occupancy"], r["dense_forward_s"]) for r in pts if "dense_forward_s" in r]
-    if dense:
-        a1.plot(*zip(*dense, strict=True), "s-", label="dense twin (Conv3d)")
-        a1.plot(
-            occ, [r.get("ideal_sparse_s", float("nan")) for r in pts], ":", label="ideal = occupancy x dense"
-        )
-    a1.set_xlabel("occupancy (%)")
-    a1.set_ylabel("forward time (s, median)")
-    a1.legend()
-    a2.plot(occ, [r["sparse_peak_rss_mb"] for r in pts], "o-", label="sparse")
-    dmem = [(100 * r["occupancy"], r["dense_peak_rss_mb"]) for r in pts if "dense_peak_rss_mb" in r]
-    if dmem:
-        a2.plot(*zip(*dmem, strict=True), "s-", label="dense twin")
-    a2.set_xlabel("occupancy (%)")
-    a2.set_ylabel("peak RSS during forward (MB)")
-    a2.legend()
+    def voxels(r: dict[str, Any]) -> int:
+        x, y, z = (int(v) for v in r["dense_grid"].split("x"))
+        return x * y * z
+
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.5))
+    ok = [r for r in rows if "sparse_forward_s" in r]
+    for kernel, marker in (("cube", "o"), ("cross", "^")):
+        base = sorted((r for r in ok if r["kernel"] == kernel and " mm, " not in r["case"]),
+                      key=lambda r: r["occupancy"])  # fmt: skip
+        sweep = [r for r in ok if r["kernel"] == kernel and " mm, " in r["case"]]
+        for backend, style in (("sparse", "-"), ("dense", "--")):
+            key = f"{backend}_forward_s"
+            pts = [(100 * r["occupancy"], r[key]) for r in base if key in r]
+            if pts:
+                a1.plot(*zip(*pts, strict=True), marker + style, label=f"{backend}, {kernel}")
+            for level in sorted({r["case"].split(", ", 1)[1] for r in sweep}):
+                line = sorted((voxels(r), r[key]) for r in sweep if r["case"].endswith(level) and key in r)
+                if line:
+                    a2.plot(*zip(*line, strict=True), marker + style, label=f"{backend}, {kernel}, {level}")
+            mem = [(r["sites"], r[f"{backend}_forward_mb"]) for r in ok
+                   if r["kernel"] == kernel and f"{backend}_forward_mb" in r]  # fmt: skip
+            if mem:
+                a3.scatter(*zip(*mem, strict=True), marker=marker, label=f"{backend}, {kernel}")
+    a1.set(xlabel="occupancy of the base grid (%)", ylabel="forward time (s, median)", yscale="log")
+    a2.set(xlabel="dense grid voxels (resolution sweep)", ylabel="forward time (s, median)")
+    a2.set(xscale="log", yscale="log")
+    a3.set(xlabel="sites", ylabel="memory of one forward (MB)", xscale="log", yscale="log")
+    for ax in (a1, a2, a3):
+        ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(target) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -73,8 +85,22 @@ def benchmark(
         str, typer.Option(help="Synthetic fill levels (fractions); empty to skip.")
     ] = DEFAULT_FILLS,
     spacings: Annotated[
-        str, typer.Option(help="Isotropic spacings (mm) of the resolution sweep; empty to skip.")
+        str,
+        typer.Option(
+            help="Isotropic spacings (mm) of the resolution sweep, e.g. 3.65,2,1.4: the default phantom "
+            "is rendered at each (a scan is resampled on read) and run at the config's threshold and "
+            "at 200 HU; empty to skip."
+        ),
     ] = "",
+    kernels: Annotated[
+        str, typer.Option(help="Kernels to compare, e.g. cube,cross (default: the config's).")
+    ] = "",
+    memory: Annotated[
+        str,
+        typer.Option(
+            help="Forward memory: 'subprocess' (a fresh process per case and backend) or 'inprocess'."
+        ),
+    ] = "subprocess",
     runs: Annotated[int, typer.Option(min=1, help="Timed runs per case (median reported).")] = 5,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: torch's).")] = None,
@@ -95,7 +121,16 @@ def benchmark(
     from ctsparse.sparsify import sparsify
 
     cfg = load_config(config, list(set_ or []))
+    if memory not in ("subprocess", "inprocess"):
+        raise typer.BadParameter(f"--memory must be subprocess or inprocess, got {memory!r}")
+    kernel_list = [k.strip() for k in kernels.split(",") if k.strip()] or [cfg.model.kernel]
+    if bad := [k for k in kernel_list if k not in ("cube", "cross")]:
+        raise typer.BadParameter(f"--kernels: unknown kernel {bad[0]!r} (cube, cross)")
     if threads:
+        # MinkowskiEngine resets OpenMP to its own thread count (OMP_NUM_THREADS when it is imported,
+        # else every core) each time it builds a coordinate manager, undoing torch.set_num_threads:
+        # give it the same number before it is imported (also inherited by the memory probes).
+        os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     volumes = []
@@ -114,35 +149,49 @@ def benchmark(
         if fills:
             cases += bench.fill_cases(base, _floats(fills))
         for s in _floats(spacings) if spacings else []:
-            cases.append((f"spacing {s:g} mm", sparsify(vol, replace(cfg.preprocess, spacing=[s, s, s]))))
+            if scans:
+                from ctsparse.io import read_volume
+
+                at = read_volume(vol.source, spacing=(s, s, s))
+            else:
+                at = bench.phantom_at(s)
+            # the config's threshold, and a bone window (a few % to ~15 %) on the same dense grid
+            levels = [cfg.preprocess.threshold, BONE_HU]
+            for name, sv in bench.threshold_cases(at, replace(cfg.preprocess, spacing=None), levels):
+                cases.append((f"{s:g} mm, {name}", sv))
+        # kernels innermost: cube and cross of one case run back to back, under the same load
         for name, sv in cases:
-            with console.status(f"{Path(vol.source).name}: {name} ({sv.n_sites} sites)"):
-                row = {
-                    "scan": vol.source,
-                    "case": name,
-                    **bench.compare(sv, cfg.model, dev, runs, 1, not no_train_step),
-                }
-            rows.append(row)
-            console.print(
-                f"{name:>18}: occupancy {fmt_pct(row['occupancy'])}  "
-                f"sparse {fmt_float(row.get('sparse_forward_s'), '.3f')} s  "
-                f"dense {fmt_float(row.get('dense_forward_s'), '.3f')} s  "
-                f"speed-up x{fmt_float(row.get('speedup'), '.2f')}"
-            )
+            for kernel in kernel_list:
+                model_cfg = replace(cfg.model, kernel=cast(Any, kernel))
+                with console.status(f"{Path(vol.source).name}: {name}, {kernel} ({sv.n_sites} sites)"):
+                    row = {
+                        "scan": vol.source,
+                        "case": name,
+                        **bench.compare(sv, model_cfg, dev, runs, 1, not no_train_step, cast(Any, memory)),
+                    }
+                rows.append(row)
+                console.print(
+                    f"{name:>26} {kernel:>5}: occupancy {fmt_pct(row['occupancy'])}  "
+                    f"sparse {fmt_float(row.get('sparse_forward_s'), '.3f')} s  "
+                    f"dense {fmt_float(row.get('dense_forward_s'), '.3f')} s  "
+                    f"speed-up x{fmt_float(row.get('speedup'), '.2f')}"
+                )
         layers = bench.layer_profile(base, cfg.model, dev)
         rows.append(
             {"scan": vol.source, "case": "sparse layer profile", "layers": layers, "sites": base.n_sites}
         )
+    cases_rows = [r for r in rows if "layers" not in r]
+    summary = bench.occupancy_summary(cases_rows)
     table = make_table(
-        f"sparse vs dense twin ({dev}, {torch.get_num_threads()} threads, median of {runs})",
-        ["case", *NUMERIC_COLUMNS],
+        f"sparse vs dense twin ({dev}, {torch.get_num_threads()} threads, median of {runs}; "
+        f"forward memory: {memory})",
+        ["case", "kernel", *NUMERIC_COLUMNS],
         right=NUMERIC_COLUMNS,
     )
-    for r in rows:
-        if "layers" in r:
-            continue
+    for r in cases_rows:
         table.add_row(
             r["case"],
+            r["kernel"],
             str(r["sites"]),
             fmt_pct(r["occupancy"]),
             fmt_float(r.get("sparse_forward_s"), ".3f"),
@@ -151,10 +200,16 @@ def benchmark(
             fmt_float(r.get("sparse_over_ideal"), ".1f"),
             fmt_float(r.get("sparse_train_step_s"), ".3f"),
             fmt_float(r.get("dense_train_step_s"), ".3f"),
-            fmt_float(r.get("sparse_peak_rss_mb"), ".0f"),
-            fmt_float(r.get("dense_peak_rss_mb"), ".0f") if "dense_error" not in r else "failed",
+            fmt_float(r.get("sparse_forward_mb"), ".0f"),
+            fmt_float(r.get("dense_forward_mb"), ".0f") if "dense_error" not in r else "failed",
         )
     console.print(table)
+    for group, sm in summary.items():
+        console.print(
+            f"{group}: {len(sm['cases'])} case(s) at 5-20 % occupancy, median speed-up "
+            f"x{sm['median_speedup']:.1f}, sparse time = {sm['median_sparse_over_ideal']:.1f} x "
+            "(occupancy x dense time)"
+        )
     for r in rows:
         if "layers" in r:
             total = sum(r["layers"].values()) or 1.0
@@ -165,9 +220,17 @@ def benchmark(
             console.print(f"sparse forward, where the time goes ({r['sites']} sites): {parts}")
     if json_out:
         write_json(
-            json_out, {"device": str(dev), "threads": torch.get_num_threads(), "runs": runs, "rows": rows}
+            json_out,
+            {
+                "device": str(dev),
+                "threads": torch.get_num_threads(),
+                "runs": runs,
+                "memory": memory,
+                "summary_5_20_pct": summary,
+                "rows": rows,
+            },
         )
         console.print(f"wrote {json_out}")
     if plot:
-        _plot([r for r in rows if "layers" not in r], plot)
+        _plot(cases_rows, plot)
         console.print(f"wrote {plot}")

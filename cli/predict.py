@@ -27,15 +27,18 @@ def predict(
     threads: Annotated[
         int | None, typer.Option(min=1, help="CPU threads for torch/ME (default: all cores).")
     ] = None,
+    workers: Annotated[
+        int, typer.Option(min=0, help="Processes that read and sparsify scans ahead of the model.")
+    ] = 0,
 ) -> None:
     """Predict labels for CT scans with a trained checkpoint."""
     from ctsparse.predict import predict as run_predict
     from ctsparse.predict import summarize
 
     if threads:
-        import torch
+        from ctsparse.device import set_threads
 
-        torch.set_num_threads(threads)
+        set_threads(threads)
     if out is not None and out.suffix.lower() not in (".csv", ".json"):
         raise typer.BadParameter(f"{out}: --out must end in .csv or .json")
     t0 = time.perf_counter()
@@ -47,7 +50,13 @@ def predict(
             status.update(f"predicted {len(done)} scan(s): {Path(row['path']).name}")
 
         rows = run_predict(
-            checkpoint, inputs, device=device, batch_size=batch_size, series_uid=series, on_row=on_row
+            checkpoint,
+            inputs,
+            device=device,
+            batch_size=batch_size,
+            series_uid=series,
+            on_row=on_row,
+            workers=workers,
         )
     summary = summarize(rows, time.perf_counter() - t0)
     probs = sorted({k for r in rows for k in r if k.startswith("p_")})

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,7 +20,7 @@ from rich.progress import (
 
 from ctsparse.errors import CtsparseError
 
-from .console import console, handles_errors, warn_line
+from .console import State, console, handles_errors, warn_line
 from .render import fmt_float, fmt_pct, make_table
 
 RUN_FILES = ("best.pt", "last.pt", "history.csv", "metrics.json", "config.yaml", "split.json")
@@ -57,6 +60,11 @@ class TrainDisplay:
             console.print(
                 f"classes {info['classes']}  train {info['n_train']}  val {info['n_val']}  "
                 f"device {info['device']}"
+                + (
+                    f"  processes {info['world']} (batch {info['batch_per_rank']} per process)"
+                    if info["world"] > 1
+                    else ""
+                )
                 + (f"  (resuming at epoch {info['start_epoch']})" if info["start_epoch"] > 1 else "")
             )
             self.epoch_task = p.add_task(
@@ -87,6 +95,11 @@ class TrainDisplay:
             p.console.print(
                 f"stopped at epoch {info['epoch']}: the time budget is spent ({info['minutes']:.1f} min)"
             )
+        elif kind == "partial_restart":
+            warn_line(
+                f"last.pt stopped inside epoch {info['epoch']} with {info['was']} processes; "
+                f"with {info['now']} that epoch restarts from its first step"
+            )
         elif kind == "early_stop":
             p.console.print(
                 f"early stop at epoch {info['epoch']} (no improvement for {info['patience']} epochs)"
@@ -114,6 +127,15 @@ def train(
     threads: Annotated[
         int | None, typer.Option(min=1, help="CPU threads for torch/ME (default: all cores).")
     ] = None,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            "--nproc",
+            min=1,
+            help="Data-parallel processes on this machine: relaunches itself under torchrun "
+            "(for several machines run torchrun yourself, see README).",
+        ),
+    ] = 1,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in OUT.")] = False,
     set_: Annotated[
@@ -123,10 +145,13 @@ def train(
     """Train a sparse (or dense-twin) classifier on labelled CT scans."""
     from ctsparse.config import load_config
 
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks and writes
+    if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CtsparseError("--nproc: already running under torchrun; drop --nproc")
     if threads:
-        import torch
+        from ctsparse.device import set_threads
 
-        torch.set_num_threads(threads)
+        set_threads(threads)
 
     overrides = list(set_ or [])
     for key, value in (
@@ -138,15 +163,35 @@ def train(
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_config(config, overrides)
-    if not resume and any((out / f).exists() for f in RUN_FILES):
+    if main_rank and not resume and any((out / f).exists() for f in RUN_FILES):
         if not overwrite:
             raise CtsparseError(
                 f"{out}: already holds a run; pass --resume to continue it or --overwrite to replace it"
             )
-        for f in RUN_FILES:
-            (out / f).unlink(missing_ok=True)
+        if nproc == 1:
+            for f in RUN_FILES:
+                (out / f).unlink(missing_ok=True)
+    if nproc > 1:
+        argv = [
+            str(data),
+            "--out",
+            str(out),
+            "--device",
+            device,
+            *(["--config", str(config)] if config else []),
+        ]
+        for flag, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--seed", seed)):
+            argv += [flag, str(value)] if value is not None else []
+        argv += ["--workers", str(workers)] if workers is not None else []
+        argv += ["--threads", str(threads)] if threads else []
+        argv += ["--resume"] * resume + ["--overwrite"] * overwrite
+        argv += [x for item in set_ or [] for x in ("--set", item)]
+        raise typer.Exit(_launch(nproc, argv))
     from ctsparse.training.loop import train as run_training
 
+    if not main_rank:
+        result = run_training(data, out, cfg, device=device, resume=resume, resume_epochs=epochs)
+        _end_rank(130 if result.interrupted else 0)
     with _progress() as progress:
         result = run_training(
             data,
@@ -174,8 +219,44 @@ def train(
         )
     console.print(f"checkpoints: {out / 'best.pt'}, {out / 'last.pt'}; history: {out / 'history.csv'}")
     if result.interrupted:
-        console.print(
-            f"[yellow]interrupted[/]: last.pt holds epoch {result.epochs_run}; continue with "
-            f"`ctsparse train {data} --out {out} --resume`"
+        where = f"epoch {result.epochs_run}" + (
+            f" + {result.batches_into_next} steps of epoch {result.epochs_run + 1}"
+            if result.batches_into_next
+            else ""
         )
-        raise typer.Exit(130)
+        how = (
+            "the same command (torchrun ...) with --resume"
+            if "WORLD_SIZE" in os.environ
+            else (f"`ctsparse train {data} --out {out} --resume`")
+        )
+        console.print(f"[yellow]interrupted[/]: last.pt holds {where}; continue with {how}")
+    _end_rank(130 if result.interrupted else 0)
+
+
+def _end_rank(code: int) -> None:
+    """Exit with `code`; under torchrun skip the interpreter's teardown.
+
+    Every file is written, fsynced and closed and the process group destroyed by now, but on
+    torch 2.13 + gloo a rank sometimes aborts (SIGABRT, "terminate called without an active
+    exception") while the interpreter finalizes, which fails the whole torchrun job after a
+    successful run (2 of 30 two-process runs here). os._exit after flushing avoids that phase.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        raise typer.Exit(code)
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """`python -m torch.distributed.run --standalone --nproc-per-node N -m ctsparse train ...`"""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd += ["-m", "ctsparse", *(["--debug"] if State.debug else []), "train", *argv]
+    console.print(f"launching {nproc} processes: {' '.join(cmd[1:])}", highlight=False)
+    proc = subprocess.Popen(cmd)
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            continue  # the workers got Ctrl-C too: wait while they save last.pt

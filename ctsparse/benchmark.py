@@ -3,16 +3,30 @@
 For each case (a SparseVolume at some occupancy or spacing) both backends are built from the same
 ModelConfig and timed in the same process, alternating, so machine noise hits both alike:
 forward (median of N after warm-up, input construction included because a user pays for it),
-one training step (forward + backward + AdamW step), and the peak RSS during a forward pass.
+one training step (forward + backward + AdamW step), and the memory of a forward pass.
+
+Forward memory (``memory="subprocess"``, the default of ``ctsparse benchmark``): a fresh Python
+process loads the case, builds the model and its input, then runs one no-gradient forward; the
+figure is the rise of its RSS high-water mark (VmHWM reset just before the forward) over the RSS
+just before it: activations, ME coordinate and kernel maps, dense im2col/oneDNN buffers. A fresh
+process per case keeps the allocator's cache of earlier cases out of it. ``"inprocess"`` measures
+the same rise in the benchmark's own process (quick, but freed memory of earlier cases that the
+allocator keeps can hide part of it).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -21,8 +35,10 @@ from ctsparse.collate import collate_dense, collate_sparse
 from ctsparse.config import ModelConfig, PreprocessConfig
 from ctsparse.models import create_model
 from ctsparse.profiling import peak_memory
-from ctsparse.sparse import SparseVolume
+from ctsparse.sparse import SparseVolume, load_sparse, save_sparse
 from ctsparse.volume import Volume
+
+Memory = Literal["subprocess", "inprocess"]
 
 
 def _sync(dev: torch.device) -> None:
@@ -75,18 +91,21 @@ def compare(
     runs: int = 5,
     warmup: int = 1,
     train_step: bool = True,
+    memory: Memory = "inprocess",
 ) -> dict[str, Any]:
     """Time and memory of both backends on one input; dense is skipped (with the reason) if it fails."""
     multiple = 2 ** (len(model_cfg.widths) - 1)
     grid = np.asarray(sv.grid_shape)
     dense_grid = (-(-grid // multiple) * multiple).tolist()
     row: dict[str, Any] = {
+        "kernel": model_cfg.kernel,
         "sites": sv.n_sites,
         "occupancy": sv.occupancy,
         "grid": "x".join(map(str, sv.grid_shape)),
         "channels": sv.n_channels,
         "threads": torch.get_num_threads(),
         "device": str(dev),
+        "memory_method": memory,
     }
     for backend in ("sparse", "dense"):
         torch.manual_seed(0)
@@ -95,13 +114,16 @@ def compare(
         try:
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
-            with peak_memory() as mem:
-                forward()
+            if memory == "subprocess" and dev.type == "cpu":
+                row.update({f"{backend}_{k}": v for k, v in forward_memory(sv, model_cfg, backend).items()})
+            else:
+                with peak_memory() as mem:
+                    forward()
+                row[f"{backend}_peak_rss_mb"] = mem.peak_bytes / 2**20
+                row[f"{backend}_forward_mb"] = mem.delta_bytes / 2**20
             times = _time(forward, runs, warmup, dev)
             row[f"{backend}_forward_s"] = statistics.median(times)
             row[f"{backend}_forward_all_s"] = times
-            row[f"{backend}_peak_rss_mb"] = mem.peak_bytes / 2**20
-            row[f"{backend}_forward_extra_mb"] = mem.delta_bytes / 2**20
             if dev.type == "cuda":
                 row[f"{backend}_peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
             if train_step:
@@ -116,7 +138,73 @@ def compare(
             row["sparse_forward_s"] / row["ideal_sparse_s"] if row["ideal_sparse_s"] else None
         )
     row["dense_grid"] = "x".join(map(str, dense_grid))
+    row["threads"] = torch.get_num_threads()  # after the runs: MinkowskiEngine may have changed it
     return row
+
+
+def forward_memory(sv: SparseVolume, model_cfg: ModelConfig, backend: str) -> dict[str, Any]:
+    """Memory of one no-gradient forward on the CPU, measured in a fresh process (module docstring).
+
+    Returns forward_mb (the rise), peak_rss_mb (the child's high-water mark during the forward) and
+    base_rss_mb (the child's RSS before it: interpreter, torch, ME, model and input).
+    """
+    with tempfile.TemporaryDirectory(prefix="ctsparse-bench-") as tmp:
+        path = Path(tmp) / "case.npz"
+        save_sparse(sv, path)
+        spec = json.dumps({"npz": str(path), "model": dataclasses.asdict(model_cfg), "backend": backend,
+                           "threads": torch.get_num_threads()})  # fmt: skip
+        code = "import sys; from ctsparse.benchmark import memory_child; memory_child(sys.argv[1])"
+        done = subprocess.run([sys.executable, "-c", code, spec], capture_output=True, text=True, check=False)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"memory probe exited {done.returncode}: {tail}")
+    out: dict[str, Any] = json.loads(lines[-1])
+    return out
+
+
+def memory_child(spec_json: str) -> None:
+    """Entry point of `forward_memory`'s subprocess: prints one JSON line."""
+    spec = json.loads(spec_json)
+    torch.set_num_threads(int(spec["threads"]))
+    sv = load_sparse(spec["npz"])
+    cfg = ModelConfig(**spec["model"])
+    multiple = 2 ** (len(cfg.widths) - 1)
+    torch.manual_seed(0)
+    model = create_model(replace(cfg, backend=spec["backend"]), sv.n_channels, 2).eval()
+    dev = torch.device("cpu")
+    x = collate_sparse([sv], dev) if spec["backend"] == "sparse" else collate_dense([sv], dev, multiple)
+    with peak_memory() as mem, torch.no_grad():
+        model(x)
+    print(json.dumps({"forward_mb": mem.delta_bytes / 2**20, "peak_rss_mb": mem.peak_bytes / 2**20,
+                      "base_rss_mb": mem.start_bytes / 2**20, "memory_probe": mem.method}))  # fmt: skip
+
+
+def phantom_at(spacing: float, seed: int = 0) -> Volume:
+    """The benchmark's default phantom (case 0 of `seed`) rendered at an isotropic `spacing`: the
+    same patient on a finer or coarser grid, not an interpolation of a coarse volume."""
+    from ctsparse.data.phantoms import case_rng, make_phantom
+
+    return make_phantom("nodule", case_rng(seed, 0), spacing=(spacing,) * 3, source=f"phantom:{seed}/0")
+
+
+def occupancy_summary(rows: list[dict[str, Any]], lo: float = 0.05, hi: float = 0.20) -> dict[str, Any]:
+    """Per kernel and dense grid, over the rows with lo <= occupancy <= hi: median speed-up and
+    sparse time / (occupancy x dense time). Grids are kept apart: a small grid's dense pass is
+    dominated by fixed costs, which flatters the sparse side."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if "speedup" in r and lo <= r["occupancy"] <= hi:
+            groups.setdefault(f"{r['kernel']} kernel, dense grid {r['dense_grid']}", []).append(r)
+    return {
+        key: {
+            "cases": [r["case"] for r in sel],
+            "occupancy_range": [lo, hi],
+            "median_speedup": statistics.median(r["speedup"] for r in sel),
+            "median_sparse_over_ideal": statistics.median(r["sparse_over_ideal"] for r in sel),
+        }
+        for key, sel in sorted(groups.items())
+    }
 
 
 def threshold_cases(

@@ -34,12 +34,23 @@ class PreprocessConfig:
     # Keep only the largest 26-connected component: drops the patient table, blankets and
     # isolated noise voxels, which otherwise add sites without anatomy.
     body_mask: bool = True
+    # "body": every kept voxel inside the body. "lungs": only the lung fields and what lies in
+    # them (vessels, airways, nodules), as lung-nodule CAD pipelines do; needs body_mask. A scan
+    # without lungs is refused with a one-line error. See ctsparse/regions.py.
+    region: Literal["body", "lungs"] = "body"
+    # Radius of the closing that pulls juxta-pleural nodules (dents in the lung outline) into the
+    # lung region; 0 turns it off.
+    lung_closing_mm: float = 10.0
     # Crop the grid to the bounding box of kept voxels (smaller dense twin, smaller coordinates).
     crop: bool = True
     # "hu": one channel of normalized HU per voxel. "patch": space-to-depth, each kept k^3 block
     # becomes one site with its k^3 voxel values as channels (up to k^3 fewer sites).
     features: Literal["hu", "patch"] = "hu"
     patch_size: int = 2
+    # One more channel per site: the multiscale Hessian dot filter (ctsparse/filters.py), large at
+    # the centre of round bright objects (nodules), small along vessels and walls.
+    blob_channel: bool = False
+    blob_scales_mm: list[float] = field(default_factory=lambda: [2.0, 3.0, 4.5])
     # Normalization: (HU - center) / scale. 1000 maps the window [-1000, 1000] to [-1, 1].
     hu_center: float = 0.0
     hu_scale: float = 1000.0
@@ -70,6 +81,8 @@ class AugmentConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 30
+    # The global batch: with N processes (torchrun) each rank takes batch_size / N (rounded up), so
+    # a config means the same optimisation whatever the number of processes.
     batch_size: int = 8
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -83,12 +96,18 @@ class TrainConfig:
     # Wall-clock budget: stop at the first epoch boundary where another epoch would exceed it.
     # Lets the sparse model and its dense twin be compared at the same training budget.
     max_minutes: float | None = None
+    # With several processes, BatchNorm statistics over the whole global batch rather than each
+    # rank's share: CT batches are small (a few scans per rank), and BN on 2-4 samples is noisy.
+    # Costs two small all-reduces per BN layer per step. Ignored on one process.
+    sync_bn: bool = True
 
 
 @dataclass
 class DataConfig:
     # None: $CTSPARSE_CACHE/sparse or ~/.cache/ctsparse/sparse
     cache_dir: str | None = None
+    # Processes that decode and sparsify scans into the cache (0: in the main process). Decoding
+    # DICOM dominates the first epoch; later epochs read the cache.
     workers: int = 0
 
 

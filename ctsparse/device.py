@@ -39,3 +39,21 @@ def resolve_device(spec: str = "auto", *, need_me: bool = True) -> torch.device:
             raise CtsparseError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
         return dev
     raise CtsparseError(f"--device {spec}: expected auto, cpu, cuda or cuda:N")
+
+
+def set_threads(n: int) -> None:
+    """CPU threads for torch *and* MinkowskiEngine.
+
+    torch.set_num_threads alone does not hold: every ME coordinate manager (one per batch) sets
+    OpenMP's thread count to ME's own CPU_COUNT, read once from $OMP_NUM_THREADS or
+    os.cpu_count() when ME is imported. Setting the variable covers an ME imported later (and
+    child processes); the module attribute covers an ME already imported.
+    """
+    import os
+    import sys
+
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+    me = sys.modules.get("MinkowskiEngine")
+    if me is not None:  # ME imports its modules as top-level names: find it by its class
+        sys.modules[me.CoordinateManager.__module__].CPU_COUNT = n  # type: ignore[attr-defined]

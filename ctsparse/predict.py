@@ -54,10 +54,15 @@ def predict(
     batch_size: int = 1,
     series_uid: str | None = None,
     on_row: Callable[[Row], None] | None = None,
+    workers: int = 0,
 ) -> list[Row]:
-    from ctsparse.io import read_volume
+    """One row per input, in input order; a bad input becomes an error row.
+
+    Args:
+        workers: processes that read and sparsify scans ahead of the model (0: this process).
+    """
     from ctsparse.profiling import peak_memory
-    from ctsparse.sparsify import sparsify
+    from ctsparse.training.prepare import iter_prepared
 
     model, ckpt = build_from_checkpoint(checkpoint)
     cfg = ckpt.config
@@ -96,24 +101,23 @@ def predict(
                 on_row(row)
         pending.clear()
 
+    items = expand_inputs(inputs)
+    prepared = iter_prepared([p for p, e in items if e is None], cfg.preprocess, series_uid, workers)
     position: dict[int, int] = {}
-    for index, (path, err) in enumerate(expand_inputs(inputs)):
+    for index, (path, err) in enumerate(items):
         row: Row = {"path": str(path), "error": err}
         position[id(row)] = index
         if err is None:
             try:
-                with peak_memory() as prep_mem:
-                    t0 = time.perf_counter()
-                    volume = read_volume(path, series_uid=series_uid)
-                    t1 = time.perf_counter()
-                    sv = sparsify(volume, cfg.preprocess)
-                    t2 = time.perf_counter()
-                    del volume
-                row["_peak_prep_bytes"] = prep_mem.peak_bytes
+                prep = next(prepared)  # read + sparsify, done here or by a worker process
+                if isinstance(prep, str):
+                    raise CtsparseError(prep)
+                sv = prep.sv
+                row["_peak_prep_bytes"] = prep.peak_bytes
                 row.update(
                     {
-                        "time_read_s": t1 - t0,
-                        "time_preprocess_s": t2 - t1,
+                        "time_read_s": prep.time_read_s,
+                        "time_preprocess_s": prep.time_preprocess_s,
                         "sites": sv.n_sites,
                         "occupancy": sv.occupancy,
                         "grid": "x".join(map(str, sv.grid_shape)),

@@ -164,6 +164,7 @@ def profile_scan(
         "kept_voxels": st["kept"],
         "dropped_threshold": st["dropped_threshold"],
         "dropped_body_mask": st["dropped_body_mask"],
+        "dropped_region": st.get("dropped_region", 0),
         "occupancy": st["occupancy_input"],
         "occupancy_cropped": st["occupancy_cropped"],
         "site_occupancy": sv.occupancy,

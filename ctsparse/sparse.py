@@ -19,7 +19,8 @@ import numpy.typing as npt
 
 from ctsparse.fileio import atomic_write
 
-CACHE_FORMAT = 1
+# 2: sites in Fortran (z, y, x) order, centred resampling grid
+CACHE_FORMAT = 2
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,3 +33,35 @@ def _no_debug_leak() -> None:
     from ctsparse.cli.console import State
 
     State.debug = False
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """torch and MinkowskiEngine on one CPU thread for the block, then as before.
+
+    ME's CPU kernels give bitwise-identical results run to run only on one thread (see README,
+    "Reproducibility"), and ME resets OpenMP's thread count itself (see device.set_threads).
+    """
+    import MinkowskiEngine as ME
+    import torch
+
+    from ctsparse.device import set_threads
+
+    manager = sys.modules[ME.CoordinateManager.__module__]
+    saved = (torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS"), manager.CPU_COUNT)
+    set_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        if saved[1] is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved[1]
+        manager.CPU_COUNT = saved[2]
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    with single_thread():
+        yield

@@ -66,3 +66,32 @@ def test_cross_kernel_dense_twin_keeps_off_cross_weights_inert() -> None:
         x[0, :, 1, 1, 1] = 0.0
         x[0, :, 1, 2, 2] = 1.0  # a face neighbour: inside the cross
         assert float(conv(x)[0, :, 2, 2, 2].abs().sum()) > 0.0
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 8])
+def test_global_pooling_is_exact_per_scan_forward_and_backward(batch):
+    """ME 0.5.4's CPU global pooling mixes scans up (see models/sparse.global_avg_max)."""
+    import MinkowskiEngine as ME
+    import torch
+
+    from ctsparse.models.sparse import global_avg_max
+
+    rng = np.random.default_rng(batch)
+    coords = []
+    for b in range(batch):
+        pts = np.unique(rng.integers(0, 30, (int(rng.integers(5, 60)), 3)), axis=0)
+        coords.append(np.concatenate([np.full((len(pts), 1), b), pts], 1))
+    c = torch.from_numpy(np.concatenate(coords).astype(np.int32))
+    f = torch.randn(len(c), 4, dtype=torch.float64, requires_grad=True)
+    x = ME.SparseTensor(f, coordinates=c)
+    avg, mx = global_avg_max(x)
+    # the sparse tensor may reorder its rows: compare against its own C/F, scan by scan
+    b_idx = x.C[:, 0].long()
+    ref_avg = torch.stack([x.F[b_idx == b].mean(0) for b in range(batch)])
+    ref_max = torch.stack([x.F[b_idx == b].max(0).values for b in range(batch)])
+    torch.testing.assert_close(avg, ref_avg)
+    torch.testing.assert_close(mx, ref_max)
+    w = torch.randn(batch, 8, dtype=torch.float64)
+    (g,) = torch.autograd.grad((torch.cat([avg, mx], 1) * w).sum(), f, retain_graph=True)
+    (g_ref,) = torch.autograd.grad((torch.cat([ref_avg, ref_max], 1) * w).sum(), f)
+    torch.testing.assert_close(g, g_ref)

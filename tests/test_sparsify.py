@@ -7,7 +7,7 @@ import pytest
 
 from ctsparse.config import PreprocessConfig
 from ctsparse.errors import ScanError
-from ctsparse.sparsify import resample, sparsify
+from ctsparse.sparsify import fill_holes_in_plane, sparsify
 from ctsparse.volume import Volume
 
 
@@ -36,8 +36,8 @@ def test_cube_exact_count_crop_and_affine():
     assert sv.feats.dtype == np.float32 and sv.feats.flags.c_contiguous
     assert sv.feats.shape == (64, 1)
     np.testing.assert_allclose(sv.feats, 0.04)  # 40 HU / 1000
-    # lexicographic order
-    order = np.lexsort(sv.coords.T[::-1])
+    # Fortran order: sorted by z, then y, then x
+    order = np.lexsort(sv.coords.T)
     assert np.array_equal(order, np.arange(sv.n_sites))
     st = sv.stats
     assert st["voxels_in"] == 960 and st["kept"] == 64
@@ -134,21 +134,6 @@ def test_diagonal_neighbours_are_connected():
     assert sv.n_sites == 3
 
 
-def test_resample_grid_spacing_and_anchor():
-    vol = cube_in_air(shape=(10, 10, 9), spacing=(1.0, 1.0, 3.0), origin=(5.0, 6.0, 7.0))
-    out, aff = resample(vol.array, vol.affine, (2.0, 0.5, 1.0))
-    assert out.shape == (5, 19, 25)  # floor((n-1)/ratio) + 1
-    np.testing.assert_allclose(np.linalg.norm(aff[:3, :3], axis=0), (2.0, 0.5, 1.0))
-    np.testing.assert_allclose(aff @ [0, 0, 0, 1], vol.affine @ [0, 0, 0, 1])
-    # last voxel lies inside the old extent
-    last = aff @ [4, 18, 24, 1]
-    np.testing.assert_allclose(last, vol.affine @ [8, 9, 8, 1])
-    # linear interpolation of a ramp is exact
-    ramp = np.broadcast_to(np.arange(9, dtype=np.float32) * 10, (4, 4, 9)).copy()
-    r, _ = resample(ramp, np.diag([1.0, 1.0, 3.0, 1.0]), (1.0, 1.0, 1.0))
-    np.testing.assert_allclose(r[0, 0, :4], [0, 10 / 3, 20 / 3, 10], atol=1e-4)
-
-
 def test_sparsify_with_spacing_records_grid():
     vol = cube_in_air(shape=(12, 10, 8), lo=(2, 2, 2), hi=(10, 8, 6))
     sv = sparsify(vol, PreprocessConfig(spacing=[2.0, 2.0, 2.0], crop=False))
@@ -156,6 +141,32 @@ def test_sparsify_with_spacing_records_grid():
     assert sv.grid_shape == (6, 5, 4)
     np.testing.assert_allclose(sv.spacing, (2.0, 2.0, 2.0))
     assert sv.n_sites == 4 * 3 * 2  # voxels 2..8 step 2 in x, 2..6 in y, 2..4 in z
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_fill_holes_matches_scipy(order):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(1)
+    mask = np.asarray(rng.random((17, 13, 6)) < 0.55, order=order)
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
+    expected = ndimage.binary_fill_holes(mask, structure=in_plane)
+    np.testing.assert_array_equal(fill_holes_in_plane(mask), expected)
+
+
+@pytest.mark.parametrize("features", ["hu", "patch"])
+def test_same_sites_whatever_the_memory_layout(features):
+    rng = np.random.default_rng(2)
+    hu = np.full((21, 17, 11), -1000.0, dtype=np.float32)
+    hu[3:18, 2:15, 1:10] = rng.normal(0, 300, size=(15, 13, 9)).astype(np.float32)
+    cfg = PreprocessConfig(features=features, threshold=-200.0)
+    a = sparsify(Volume(np.ascontiguousarray(hu), _affine(), "c"), cfg)
+    b = sparsify(Volume(np.asfortranarray(hu), _affine(), "f"), cfg)
+    np.testing.assert_array_equal(a.coords, b.coords)
+    np.testing.assert_array_equal(a.feats, b.feats)
+    assert a.grid_shape == b.grid_shape
+    np.testing.assert_array_equal(np.lexsort(a.coords.T), np.arange(a.n_sites))  # (z, y, x) order
 
 
 def test_nothing_survives_names_threshold_and_range():

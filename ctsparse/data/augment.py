@@ -47,10 +47,13 @@ def apply(sv: SparseVolume, p: AugmentParams) -> SparseVolume:
     feats = sv.feats
     k = _patch_size(sv)
     centre = (np.asarray(sv.grid_shape, dtype=np.float64) - 1) / 2
+    # channels after the k^3 HU values (the blob filter) are rotation- and flip-invariant scalars
+    n_hu = k**3
     if p.flip_lr:
         coords[:, 0] = 2 * centre[0] - coords[:, 0]
         if k > 1:
-            feats = np.ascontiguousarray(feats.reshape(-1, k, k, k)[:, ::-1].reshape(len(feats), -1))
+            mirrored = feats[:, :n_hu].reshape(-1, k, k, k)[:, ::-1].reshape(len(feats), -1)
+            feats = np.ascontiguousarray(np.concatenate([mirrored, feats[:, n_hu:]], axis=1))
     c, s = np.cos(p.angle_rad), np.sin(p.angle_rad)
     rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) * p.scale
     coords = (coords - centre) @ rot.T + centre
@@ -62,7 +65,8 @@ def apply(sv: SparseVolume, p: AugmentParams) -> SparseVolume:
     feats = feats[first]
     if p.hu_shift:
         scale = float(sv.params.get("hu_scale", 1000.0))
-        feats = feats + np.float32(p.hu_shift / scale)
+        feats = feats.copy()
+        feats[:, :n_hu] += np.float32(p.hu_shift / scale)
     grid = tuple(int(v) + 1 for v in icoords.max(axis=0))
     return replace(
         sv,

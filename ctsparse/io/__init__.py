@@ -3,6 +3,7 @@ into a Volume in the canonical RAS+ frame, or raises ScanError with a one-line r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from ctsparse.errors import ScanError
@@ -14,13 +15,23 @@ from ctsparse.volume import Volume
 __all__ = ["find_scans", "is_scan_path", "read_volume", "write_dicom_series", "write_nifti"]
 
 
-def read_volume(path: str | Path, *, series_uid: str | None = None, allow_non_ct: bool = False) -> Volume:
+def read_volume(
+    path: str | Path,
+    *,
+    series_uid: str | None = None,
+    allow_non_ct: bool = False,
+    spacing: Sequence[float] | None = None,
+) -> Volume:
     """Read one scan: ``.nii``/``.nii.gz`` -> NIfTI, a folder -> DICOM series, any other file -> DICOM.
 
     Args:
         series_uid: in a folder with several series, the SeriesInstanceUID to read (default: the
             largest CT series; the others are listed in ``meta["skipped"]``).
         allow_non_ct: read DICOM whose Modality is not CT instead of refusing it.
+        spacing: resample to this voxel size (mm per RAS+ axis) while reading; the same grid and
+            values as reading and then ``sparsify.resample`` (``ctsparse.io.resample``), but a
+            DICOM series is resampled slice by slice, so its full-resolution float32 volume never
+            exists. ``meta["resampled_from"]`` keeps the original shape and spacing.
     """
     p = Path(path)
     if not p.exists():
@@ -28,12 +39,12 @@ def read_volume(path: str | Path, *, series_uid: str | None = None, allow_non_ct
     if p.is_file() and is_nifti_name(p):
         from ctsparse.io.nifti import read_nifti
 
-        return read_nifti(p)
+        return read_nifti(p, spacing=spacing)
     if p.is_dir() or p.is_file():
         from ctsparse.io.dicom import read_dicom
 
         try:
-            return read_dicom(p, series_uid=series_uid, allow_non_ct=allow_non_ct)
+            return read_dicom(p, series_uid=series_uid, allow_non_ct=allow_non_ct, spacing=spacing)
         except PermissionError:
             raise ScanError(p, "permission denied") from None
         except MemoryError:

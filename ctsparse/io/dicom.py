@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,8 +109,15 @@ def _read_headers(source: Path, files: list[Path]) -> tuple[dict[str, list[Slice
     return groups, skipped
 
 
-def read_dicom(path: str | Path, *, series_uid: str | None = None, allow_non_ct: bool = False) -> Volume:
-    """Read a DICOM file (classic or enhanced multi-frame) or a folder holding one or more series."""
+def read_dicom(
+    path: str | Path,
+    *,
+    series_uid: str | None = None,
+    allow_non_ct: bool = False,
+    spacing: Sequence[float] | None = None,
+) -> Volume:
+    """Read a DICOM file (classic or enhanced multi-frame) or a folder holding one or more series,
+    resampled while decoding to `spacing` (mm per RAS+ axis) if given."""
     source = Path(path)
     files = folder_files(source) if source.is_dir() else [source]
     if not files:
@@ -132,7 +140,7 @@ def read_dicom(path: str | Path, *, series_uid: str | None = None, allow_non_ct:
             source, f"modality {modality} is not CT (pass allow_non_ct / --allow-non-ct to read it)"
         )
 
-    array, affine, used, notes = assemble(slices, source)
+    array, affine, used, notes = assemble(slices, source, spacing)
     warnings = notes.warnings
     if other_series:
         warnings.insert(0, f"folder holds {len(groups)} series; read {_series_summary(chosen, slices)}")
@@ -147,6 +155,8 @@ def read_dicom(path: str | Path, *, series_uid: str | None = None, allow_non_ct:
         "warnings": warnings,
         "skipped": skipped + other_series + notes.skipped,
     }
+    if notes.resampled_from:
+        meta["resampled_from"] = notes.resampled_from
     for key, keyword in _META_KEYWORDS.items():
         value = header.get(keyword)
         if value is not None and str(value).strip():

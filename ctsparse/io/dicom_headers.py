@@ -1,9 +1,11 @@
 """DICOM headers without pixels: sniff files, read headers, and turn each image (or frame) into a Slice.
 
-Only headers are read here (``stop_before_pixels``), so grouping and sorting a folder of 1,000 files
-costs a fraction of decoding it. Enhanced multi-frame CT contributes one Slice per frame, with its
-geometry and rescale taken from the per-frame functional groups (shared groups as fallback), so
-both kinds of file go through the same series assembly.
+Only headers are read here: values longer than ``DEFER_BYTES`` (the pixel data) are skipped and
+only their file offset is kept, so grouping and sorting a folder of 1,000 files costs a fraction of
+decoding it, and the decoder later reads the pixels at that offset without parsing the file
+again. Enhanced multi-frame CT contributes one Slice per frame, with its geometry and rescale
+taken from the per-frame functional groups (shared groups as fallback), so both kinds of file go
+through the same series assembly.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pydicom.errors import InvalidDicomError
 
 F64 = npt.NDArray[np.float64]
 _IGNORED_NAMES = {"dicomdir"}
+# Values longer than this stay on disk (pixel data, large private blobs); headers are far below it.
+DEFER_BYTES = 64 * 1024
 
 
 @dataclass
@@ -65,14 +69,14 @@ def read_header(path: Path) -> Dataset | str:
     if path.name.lower() in _IGNORED_NAMES:
         return "DICOMDIR index, not an image"
     try:
-        ds = dcmread(path, stop_before_pixels=True)
+        ds = dcmread(path, defer_size=DEFER_BYTES)
     except InvalidDicomError:
         # Old ACR-NEMA style files have no preamble; force only when the bytes look like tags,
         # because force=True happily "parses" any text file into garbage elements.
         if not looks_like_dicom(path):
             return "not a DICOM file"
         try:
-            ds = dcmread(path, stop_before_pixels=True, force=True)
+            ds = dcmread(path, defer_size=DEFER_BYTES, force=True)
         except Exception as exc:
             return f"unreadable DICOM header ({type(exc).__name__})"
     except Exception as exc:

@@ -2,12 +2,17 @@
 
 Every check that drops something writes one line into ``notes`` so the caller can put it in
 ``Volume.meta``; only situations with no defensible answer raise ScanError.
+
+With a target spacing, each slice is resampled in-plane as it is decoded and the stack along the
+slice axis at the end (``ctsparse.io.resample``: centred grid, area average), so a 512x512x300
+series read at 3.65 mm never holds its full-resolution float32 volume.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +20,9 @@ import numpy.typing as npt
 
 from ctsparse.errors import ScanError
 from ctsparse.io.dicom_headers import Slice, slice_thickness
-from ctsparse.io.dicom_pixels import Notes, decode
-from ctsparse.io.geometry import LPS_RAS, canonicalize, dicom_affine_lps, slice_normal
+from ctsparse.io.dicom_pixels import InPlane, Notes, decode
+from ctsparse.io.geometry import LPS_RAS, canonicalize, dicom_affine_lps, ortho, slice_normal
+from ctsparse.io.resample import RATIO_TOL, apply_axis, axis_weights, index_map
 
 F64 = npt.NDArray[np.float64]
 F32 = npt.NDArray[np.float32]
@@ -130,8 +136,47 @@ def _regular_grid(t: F64, spacing: float, data: F32, source: Path, notes: Notes)
     return out, new_spacing
 
 
-def assemble(slices: list[Slice], source: Path) -> tuple[F32, F64, list[Slice], Notes]:
-    """Build the canonical HU array and RAS+ affine of one series from its slices."""
+def _canonical_order(values: Sequence[float], ornt: F64) -> list[float]:
+    """Per stored axis (column, row, slice) -> per canonical RAS+ axis."""
+    out = [0.0, 0.0, 0.0]
+    for a in range(3):
+        out[int(ornt[a, 0])] = float(values[a])
+    return out
+
+
+def _in_plane(s: Slice, spacing: Sequence[float] | None) -> tuple[InPlane, F64, list[float] | None]:
+    """Layout of the decoded slices: flips toward RAS+ and optional in-plane resampling.
+
+    Returns the plan, the orientation (nibabel ornt of the stored column, row and slice axes) and
+    the target spacing of each stored axis (None without resampling).
+    """
+    assert s.iop is not None and s.pixel_spacing is not None
+    approx = LPS_RAS @ dicom_affine_lps(s.iop, np.zeros(3), s.pixel_spacing, slice_normal(s.iop))
+    ornt = np.asarray(ortho.io_orientation(approx), dtype=np.float64)
+    plane = InPlane(s.rows, s.cols, flip_rows=bool(ornt[1, 1] < 0), flip_cols=bool(ornt[0, 1] < 0))
+    if spacing is None:
+        return plane, ornt, None
+    target = [float(spacing[int(ornt[a, 0])]) for a in range(3)]
+    col_ratio, row_ratio = target[0] / s.pixel_spacing[1], target[1] / s.pixel_spacing[0]
+    if abs(col_ratio - 1.0) > RATIO_TOL:
+        weights, offset = axis_weights(s.cols, col_ratio)
+        plane.col_weights = weights[np.arange(weights.shape[0])[::-1]] if plane.flip_cols else weights
+        plane.col_map = (col_ratio, offset)
+    if abs(row_ratio - 1.0) > RATIO_TOL:
+        weights, offset = axis_weights(s.rows, row_ratio)
+        plane.row_weights = weights[np.arange(weights.shape[0])[::-1]] if plane.flip_rows else weights
+        plane.row_map = (row_ratio, offset)
+    return plane, ornt, target
+
+
+def assemble(
+    slices: list[Slice], source: Path, target_spacing: Sequence[float] | None = None
+) -> tuple[F32, F64, list[Slice], Notes]:
+    """Build the canonical HU array and RAS+ affine of one series from its slices.
+
+    Args:
+        target_spacing: resample to this voxel size (mm per canonical RAS+ axis) while decoding.
+    """
     notes = Notes()
     scouts = [s for s in slices if s.localizer]
     if scouts:
@@ -170,7 +215,8 @@ def assemble(slices: list[Slice], source: Path) -> tuple[F32, F64, list[Slice], 
     keep = _dedupe(slices, t, notes)
     slices, ipp, t = [s for s, k in zip(slices, keep, strict=True) if k], ipp[keep], t[keep]
 
-    decoded, data = decode(slices, source, notes)
+    plane, ornt, target = _in_plane(slices[0], target_spacing)
+    decoded, data = decode(slices, source, notes, plane)
     if len(decoded) < len(slices):
         idx = [i for i, s in enumerate(slices) if any(s is d for d in decoded)]
         slices, ipp, t = decoded, ipp[idx], t[idx]
@@ -213,6 +259,21 @@ def assemble(slices: list[Slice], source: Path) -> tuple[F32, F64, list[Slice], 
     pixel_spacing = slices[0].pixel_spacing
     assert pixel_spacing is not None
     affine = LPS_RAS @ dicom_affine_lps(iop, ipp[0], pixel_spacing, step)
-    # (slice, row, column) -> (column i, row j, slice k), the axis order of the affine.
+    if target is not None:
+        notes.resampled_from = {
+            "shape": [int(n) for n in _canonical_order([slices[0].cols, slices[0].rows, len(slices)], ornt)],
+            "spacing": _canonical_order(
+                [pixel_spacing[1], pixel_spacing[0], float(np.linalg.norm(affine[:3, 2]))], ornt
+            ),
+        }
+    affine = affine @ plane.index_map()
+    if target is not None:
+        ratio = target[2] / float(np.linalg.norm(affine[:3, 2]))
+        if abs(ratio - 1.0) > RATIO_TOL:
+            weights, offset = axis_weights(data.shape[0], ratio)
+            data = apply_axis(data, weights, 0)
+            affine = affine @ index_map([None, None, (ratio, offset)])
+    # (slice, row, column) -> (column i, row j, slice k), the axis order of the affine. The in-plane
+    # axes already point toward RAS+ (the decoder flipped them), so this is usually a view.
     array, affine = canonicalize(data.transpose(2, 1, 0), affine)
     return array, affine, slices, notes

@@ -7,6 +7,7 @@ come from resampling pipelines and silently turning them into air would hide tha
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import nibabel as _nib
 import numpy as np
 
 from ctsparse.errors import ScanError
-from ctsparse.io.geometry import canonicalize
+from ctsparse.io.geometry import canonicalize, ortho
 from ctsparse.volume import Volume
 
 nib: Any = _nib  # nibabel ships no type hints
@@ -34,8 +35,9 @@ def _one_line(exc: BaseException) -> str:
     return first[:160]
 
 
-def read_nifti(path: str | Path) -> Volume:
-    """Read a .nii/.nii.gz CT volume in HU (scl_slope/scl_inter applied by nibabel)."""
+def read_nifti(path: str | Path, spacing: Sequence[float] | None = None) -> Volume:
+    """Read a .nii/.nii.gz CT volume in HU (scl_slope/scl_inter applied by nibabel), resampled to
+    `spacing` (mm per RAS+ axis) if given."""
     path = Path(path)
     try:
         img: Any = nib.load(str(path))
@@ -83,6 +85,20 @@ def read_nifti(path: str | Path) -> Volume:
     if data.size and float(data.min()) >= 0.0:
         warnings.append("no negative values: the data may not be in HU (air is about -1000 HU)")
 
+    resampled_from: dict[str, list[Any]] = {}
+    if spacing is not None:
+        # in the stored axis order, before canonicalize: its reorienting copy then runs on the
+        # small grid (the centred grid commutes with flips, see ctsparse.io.resample)
+        from ctsparse.io.resample import resample_array
+
+        ornt = ortho.io_orientation(affine)
+        target = [float(spacing[int(ornt[a, 0])]) for a in range(3)]
+        old = np.linalg.norm(affine[:3, :3], axis=0)
+        resampled_from = {"shape": [0, 0, 0], "spacing": [0.0, 0.0, 0.0]}
+        for a in range(3):
+            resampled_from["shape"][int(ornt[a, 0])] = int(data.shape[a])
+            resampled_from["spacing"][int(ornt[a, 0])] = float(old[a])
+        data, affine = resample_array(data, affine, target)
     array, affine = canonicalize(data, affine)
     meta: dict[str, Any] = {
         "format": "nifti",
@@ -93,4 +109,6 @@ def read_nifti(path: str | Path) -> Volume:
         "sform_code": int(img.header["sform_code"]),
         "qform_code": int(img.header["qform_code"]),
     }
+    if resampled_from and resampled_from["shape"] != list(array.shape):
+        meta["resampled_from"] = resampled_from
     return Volume(array=array, affine=affine, source=str(path), meta=meta)

@@ -38,9 +38,25 @@ def _conv(cfg: ModelConfig, cin: int, cout: int, size: int, stride: int = 1) -> 
     )
 
 
-def _by_batch(pooled: ME.SparseTensor) -> torch.Tensor:
-    """Global pooling returns one row per scan in ME's internal order, not by batch index."""
-    return pooled.F[torch.argsort(pooled.C[:, 0].long())]
+def global_avg_max(x: ME.SparseTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-scan mean and max of the features, rows in batch-index order.
+
+    Done in torch by batch index rather than with ME's MinkowskiGlobalAvg/MaxPooling: in ME 0.5.4's
+    CPU build the average pooling writes its rows in the inverse of the batch order its output
+    coordinates report (from about 4 scans per batch on, scans get other scans' averages, so the
+    labels are effectively shuffled against the features), and the max pooling sends its gradient
+    to the wrong sites for a batch of one scan (src/global_pooling_cpu.cpp). tests/test_models.py
+    checks this function against a per-scan loop, forward and backward.
+    """
+    feats = x.F
+    b = x.C[:, 0].long().to(feats.device)
+    n, c = int(b.max()) + 1, feats.shape[1]
+    count = torch.bincount(b, minlength=n).clamp_min(1).unsqueeze(1).to(feats.dtype)
+    avg = torch.zeros(n, c, dtype=feats.dtype, device=feats.device).index_add(0, b, feats) / count
+    mx = torch.full((n, c), -torch.inf, dtype=feats.dtype, device=feats.device).scatter_reduce(
+        0, b.unsqueeze(1).expand_as(feats), feats, "amax", include_self=False
+    )
+    return avg, mx
 
 
 class SparseBasicBlock(nn.Module):
@@ -83,16 +99,14 @@ class SparseResNet(nn.Module):
             layers += [SparseBasicBlock(cfg, width) for _ in range(depth)]
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)
-        self.avg_pool = ME.MinkowskiGlobalAvgPooling()
-        self.max_pool = ME.MinkowskiGlobalMaxPooling()
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(2 * w[-1], num_classes)
         self.num_features = 2 * w[-1]
 
     def forward_features(self, x: ME.SparseTensor) -> torch.Tensor:
         """Pooled embedding (B, 2 * widths[-1]), rows ordered by batch index."""
-        x = self.stages(self.stem(x))
-        return torch.cat([_by_batch(self.avg_pool(x)), _by_batch(self.max_pool(x))], dim=1)
+        avg, mx = global_avg_max(self.stages(self.stem(x)))
+        return torch.cat([avg, mx], dim=1)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(features))

@@ -1,9 +1,15 @@
-"""One training epoch and one evaluation pass (shared by train, resume and the benchmarks)."""
+"""One training epoch and one evaluation pass (shared by train, resume and the benchmarks).
+
+Both run on one process or as one rank of a data-parallel job (see distributed.py): the epoch
+order and the augmentation of each position in it are drawn the same way on every rank, so the
+union of the ranks' work is what a single process does with the same seed.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -13,9 +19,39 @@ from ctsparse.collate import collate
 from ctsparse.config import Config
 from ctsparse.data import augment
 from ctsparse.sparse import SparseVolume
+from ctsparse.training.distributed import Dist, per_rank_batch, shard
 from ctsparse.training.metrics import classification_metrics
 
 Dataset = list[tuple[SparseVolume, int]]
+SUMS = ("loss", "correct", "seen", "sites", "seconds")
+
+
+@dataclass
+class EpochProgress:
+    """An epoch stopped between two steps (Ctrl-C): enough to finish it later exactly.
+
+    rng_state is the numpy generator's state when the epoch began, so the resumed epoch redraws
+    the same order and augmentations and skips the batches already done. sums are over all ranks.
+    """
+
+    epoch: int
+    batches_done: int
+    rng_state: dict[str, Any]
+    world: int
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SUMS, 0.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "rng_state": self.rng_state,
+            "world": self.world,
+            "sums": dict(self.sums),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EpochProgress:
+        return cls(int(d["epoch"]), int(d["batches_done"]), d["rng_state"], int(d["world"]), dict(d["sums"]))
 
 
 def stride_multiple(cfg: Config) -> int:
@@ -32,6 +68,23 @@ def epoch_order(data: Dataset, cfg: Config, rng: np.random.Generator) -> np.ndar
     return rng.choice(len(data), size=len(data), replace=True, p=p / p.sum())
 
 
+def batch_loss(logits: torch.Tensor, labels: torch.Tensor, loss_fn: torch.nn.Module, d: Dist) -> torch.Tensor:
+    """The rank's share of the global batch loss.
+
+    DDP averages gradients over ranks, so each rank returns world * (its weighted loss sum) /
+    (the weight sum of the whole global batch): the average over ranks is then the class-weighted
+    mean over the global batch, exactly the single-process loss. (Averaging per-rank weighted
+    means is not: each would be normalised by its own half of the class weights.)
+    """
+    if not d.enabled:
+        return loss_fn(logits, labels)
+    weight = getattr(loss_fn, "weight", None)
+    per = torch.nn.functional.cross_entropy(logits, labels, weight=weight, reduction="none")
+    local = float(weight[labels].sum()) if weight is not None else float(len(labels))
+    (total,) = d.sum([local])
+    return per.sum() * d.world / total
+
+
 def run_epoch(
     model: torch.nn.Module,
     data: Dataset,
@@ -44,27 +97,56 @@ def run_epoch(
     epoch: int,
     emit: Callable[[str, dict[str, Any]], None],
     stop: dict[str, bool],
-) -> dict[str, float] | None:
-    """Returns train loss/accuracy/sites-per-second, or None if stopped (SIGINT) mid-epoch."""
+    *,
+    dist: Dist | None = None,
+    resume_from: EpochProgress | None = None,
+) -> dict[str, float] | EpochProgress:
+    """Train loss/accuracy/sites-per-second over all ranks, or where it stopped (stop["flag"]).
+
+    The stop flag is read between steps: the step in progress always finishes, so the weights,
+    optimizer and scheduler are at a step boundary when the caller saves them.
+    """
+    d = dist or Dist()
     model.train()
+    if resume_from is not None:
+        rng.bit_generator.state = resume_from.rng_state
+    start_state = dict(rng.bit_generator.state)
     order = epoch_order(data, cfg, rng)
-    bs = cfg.train.batch_size
-    n_batches = (len(order) + bs - 1) // bs
-    losses, correct, seen, sites, t0 = 0.0, 0, 0, 0, time.perf_counter()
-    for b in range(n_batches):
-        if stop["flag"]:
-            return None
-        idx = order[b * bs : (b + 1) * bs]
+    # one key per epoch, then one generator per position: a sample's augmentation depends on
+    # where it sits in the epoch order, not on which rank (or how many ranks) processes it
+    epoch_key = int(rng.integers(2**63))
+    mine, positions = shard(order, d)
+    bs = per_rank_batch(cfg.train.batch_size, d)
+    n_batches = (len(mine) + bs - 1) // bs
+    first = resume_from.batches_done if resume_from is not None else 0
+    # carried sums are global: held by rank 0 only, so the all-reduce below counts them once
+    carried = resume_from.sums if resume_from is not None and d.is_main else dict.fromkeys(SUMS, 0.0)
+    losses, correct, seen, sites = carried["loss"], carried["correct"], carried["seen"], carried["sites"]
+    t0 = time.perf_counter() - carried["seconds"]
+    for b in range(first, n_batches):
+        if d.any(stop["flag"]):
+            sums = d.sum([losses, correct, seen, sites])
+            elapsed = time.perf_counter() - t0
+            return EpochProgress(
+                epoch, b, start_state, d.world, dict(zip(SUMS, [*sums, elapsed], strict=True))
+            )
+        idx = mine[b * bs : (b + 1) * bs]
         svs = [data[i][0] for i in idx]
         if cfg.augment.enabled:
-            svs = [augment.apply(sv, augment.make_params(cfg.augment, rng)) for sv in svs]
+            pos = positions[b * bs : (b + 1) * bs]
+            svs = [
+                augment.apply(
+                    sv, augment.make_params(cfg.augment, np.random.default_rng([epoch_key, int(p)]))
+                )
+                for sv, p in zip(svs, pos, strict=True)
+            ]
         batch = collate(svs, [data[i][1] for i in idx], cfg.model.backend, dev, stride_multiple(cfg))
         logits = model(batch.inputs)
         assert batch.labels is not None
-        loss = loss_fn(logits, batch.labels)
+        loss = batch_loss(logits, batch.labels, loss_fn, d)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.train.grad_clip > 0:
+        if cfg.train.grad_clip > 0:  # DDP has averaged the gradients: every rank clips alike
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
         scheduler.step()
@@ -80,9 +162,10 @@ def run_epoch(
                 "batch": b + 1,
                 "n_batches": n_batches,
                 "loss": float(loss.detach()),
-                "sites_per_s": sites / elapsed if elapsed else 0.0,
+                "sites_per_s": sites * d.world / elapsed if elapsed else 0.0,
             },
         )
+    losses, correct, seen, sites = d.sum([losses, correct, seen, sites])
     elapsed = time.perf_counter() - t0
     return {"loss": losses / max(seen, 1), "accuracy": correct / max(seen, 1), "sites_per_s": sites / elapsed}
 
@@ -108,8 +191,19 @@ def evaluate(
     dev: torch.device,
     loss_fn: torch.nn.Module,
     classes: list[str],
+    *,
+    dist: Dist | None = None,
 ) -> dict[str, Any]:
-    probs = predict_probs(model, [sv for sv, _ in data], cfg, dev)
+    """Metrics over the whole of `data`: each rank predicts every world-th sample and the
+    probabilities are gathered, so AUROC and the confusion matrix are over the full set."""
+    d = dist or Dist()
+    mine = list(range(d.rank, len(data), d.world))
+    local = predict_probs(model, [data[i][0] for i in mine], cfg, dev)
+    if not mine:
+        local = np.zeros((0, len(classes)), dtype=np.float32)
+    probs = np.zeros((len(data), len(classes)), dtype=np.float32)
+    for r, part in enumerate(d.gather(local)):
+        probs[r :: d.world] = part
     y = np.array([label for _, label in data], dtype=np.int64)
     metrics = classification_metrics(y, probs.astype(np.float64), classes)
     logp = torch.log(torch.from_numpy(probs).clamp_min(1e-12))

@@ -1,10 +1,9 @@
-"""history.csv (appended one fsynced row per epoch) and the PNG plots of a run."""
+"""history.csv (one row per epoch, rewritten atomically) and the PNG plots of a run."""
 
 from __future__ import annotations
 
 import csv
 import io
-import os
 from pathlib import Path
 from typing import Any
 
@@ -56,29 +55,37 @@ def row(
 
 
 def append(path: Path, values: dict[str, Any]) -> None:
-    """One line per epoch, flushed and fsynced: a crash loses at most the epoch in progress."""
-    new = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in values.items()})
-        fh.flush()
-        os.fsync(fh.fileno())
+    """Add one epoch's row by rewriting the file atomically (temp file, fsync, rename).
+
+    The file is a few dozen lines, so a rewrite costs nothing, and a crash at any moment leaves
+    either the old file or the new one: never a half-written line for a resumed run to trip on.
+    """
+    rows = read(path)
+    rows.append({k: (f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in values.items()})
+    _write(path, rows)
 
 
 def read(path: Path) -> list[dict[str, str]]:
+    """The complete rows (every column present, integer epoch); anything else is skipped."""
     if not path.exists():
         return []
     with open(path, newline="") as fh:
-        return [r for r in csv.DictReader(fh) if r.get("epoch", "").isdigit()]
+        return [
+            r
+            for r in csv.DictReader(fh)
+            if r.get("epoch", "").isdigit() and all(r.get(c) is not None for c in COLUMNS)
+        ]
 
 
 def truncate(path: Path, last_epoch: int) -> None:
-    """Keep rows up to last_epoch (what the checkpoint we resume from has seen); drop partial lines."""
-    rows = [r for r in read(path) if int(r["epoch"]) <= last_epoch]
+    """Keep rows up to last_epoch (what the checkpoint we resume from has seen), once each."""
+    by_epoch = {int(r["epoch"]): r for r in read(path) if int(r["epoch"]) <= last_epoch}
+    _write(path, [by_epoch[e] for e in sorted(by_epoch)])
+
+
+def _write(path: Path, rows: list[dict[str, str]]) -> None:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS)
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
     atomic_write_text(path, buf.getvalue())

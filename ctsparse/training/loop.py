@@ -1,8 +1,12 @@
 """The train loop: AdamW + warm-up/cosine, class balancing, validation, best/last checkpoints.
 
 Outputs in out_dir: best.pt, last.pt (atomic), config.yaml, history.csv, metrics.json, split.json,
-and PNGs of the curves and the confusion matrix. last.pt always holds the last *complete* epoch,
-so a run killed at any moment resumes from there with --resume.
+and PNGs of the curves and the confusion matrix. Every file is replaced atomically (temp file,
+fsync, rename), so a run killed at any moment (even SIGKILL) leaves valid files and resumes with
+--resume from last.pt: the last complete epoch, or the step where Ctrl-C/SIGTERM stopped it.
+
+The same function is every rank of a data-parallel job under torchrun (see distributed.py):
+only rank 0 writes files and emits events.
 """
 
 from __future__ import annotations
@@ -21,17 +25,18 @@ import torch
 import yaml
 
 from ctsparse.config import Config, to_dict
-from ctsparse.data.datasets import discover_dataset, stratified_split
-from ctsparse.device import resolve_device
+from ctsparse.data.datasets import Sample, discover_dataset, stratified_split
 from ctsparse.errors import CtsparseError, DatasetError
-from ctsparse.fileio import atomic_write_text
+from ctsparse.fileio import atomic_write_text, remove_stale_temps
 from ctsparse.sparse import SparseVolume
+from ctsparse.training import distributed as ddp
 from ctsparse.training import history as hist
 from ctsparse.training.checkpoint import load_checkpoint, save_checkpoint
-from ctsparse.training.epoch import evaluate, run_epoch
+from ctsparse.training.epoch import EpochProgress, evaluate, run_epoch
 from ctsparse.training.prepare import prepare_scans
 
 Event = Callable[[str, dict[str, Any]], None]
+RUN_FILES = ("best.pt", "last.pt", "history.csv", "metrics.json", "config.yaml", "split.json")
 
 
 @dataclass
@@ -39,14 +44,11 @@ class TrainResult:
     out_dir: Path
     best_epoch: int
     best_score: float
-    epochs_run: int
-    metrics: dict[str, Any]
+    epochs_run: int  # the last complete epoch
+    metrics: dict[str, Any]  # empty on ranks other than 0
     skipped: list[str] = field(default_factory=list)
     interrupted: bool = False
-
-
-def _higher_is_better(metric: str) -> bool:
-    return metric != "loss"
+    batches_into_next: int = 0  # steps of epoch epochs_run + 1 already in last.pt (Ctrl-C)
 
 
 def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -75,11 +77,9 @@ def train(
         cfg: the run's config (ignored when resuming: the checkpoint's config wins).
         resume_epochs: when resuming, a new total epoch count (to extend a finished run).
     """
-    emit = on_event or (lambda kind, info: None)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     state: dict[str, Any] = {}
-    if resume:
+    if resume:  # every rank reads last.pt: resuming a multi-node job needs OUT on a shared filesystem
         last = out / "last.pt"
         if not last.is_file():
             raise CtsparseError(f"{last}: nothing to resume (no last.pt in {out})")
@@ -89,9 +89,49 @@ def train(
             cfg.train.epochs = resume_epochs
         state = ckpt.extra
         state["state_dict"] = ckpt.state_dict
-    dev = resolve_device(device, need_me=cfg.model.backend == "sparse")
-    torch.manual_seed(cfg.train.seed)
-    rng = np.random.default_rng(cfg.train.seed)
+    d, dev = ddp.setup(device, need_me=cfg.model.backend == "sparse")
+    try:
+        result = _train(data, out, cfg, d, dev, state, on_event if d.is_main else None)
+    except BaseException:
+        ddp.cleanup(d, failed=True)  # no barrier: the other ranks may never reach it
+        raise
+    ddp.cleanup(d)
+    return result
+
+
+def _prepare(samples: list[Sample], cfg: Config, d: ddp.Dist, emit: Event) -> list[SparseVolume | str]:
+    """Fill the cache with worker processes; on several ranks each node's ranks split the work."""
+    paths = [s.path for s in samples]
+    share = paths[d.local_rank :: d.local_world] if d.enabled else paths
+    emit("preprocess_start", {"n": len(share)})
+    done = prepare_scans(
+        share,
+        cfg.preprocess,
+        cfg.data.cache_dir,
+        cfg.data.workers,
+        progress=lambda i, n, p: emit("preprocess", {"i": i, "n": n, "path": p}),
+    )
+    if not d.enabled:
+        return done
+    d.barrier()  # the node's cache is full: every rank now reads all scans from it
+    return prepare_scans(paths, cfg.preprocess, cfg.data.cache_dir, 0)
+
+
+def _train(
+    data: str | Path,
+    out: Path,
+    cfg: Config,
+    d: ddp.Dist,
+    dev: torch.device,
+    state: dict[str, Any],
+    on_event: Event | None,
+) -> TrainResult:
+    emit = on_event or (lambda kind, info: None)
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out, RUN_FILES)  # left by a writer that was killed mid-write
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP checks it)
+    rng = np.random.default_rng(cfg.train.seed)  # same epoch order on every rank
 
     samples = discover_dataset(data)
     classes = sorted({s.label for s in samples})
@@ -99,14 +139,7 @@ def train(
         raise CtsparseError(
             f"{out / 'last.pt'}: classes {state.get('classes')} differ from the dataset's {classes}"
         )
-    emit("preprocess_start", {"n": len(samples)})
-    prepared = prepare_scans(
-        [s.path for s in samples],
-        cfg.preprocess,
-        cfg.data.cache_dir,
-        cfg.data.workers,
-        progress=lambda i, n, p: emit("preprocess", {"i": i, "n": n, "path": p}),
-    )
+    prepared = _prepare(samples, cfg, d, emit)
     ok = [(s, r) for s, r in zip(samples, prepared, strict=True) if isinstance(r, SparseVolume)]
     skipped = [r for r in prepared if isinstance(r, str)]
     for msg in skipped:
@@ -117,28 +150,22 @@ def train(
     by_path = {s.path: (sv, classes.index(s.label)) for s, sv in ok}
     train_set = [by_path[s.path] for s in train_s]
     val_set = [by_path[s.path] for s in val_s]
-    atomic_write_text(
-        out / "split.json",
-        json.dumps(
-            {
-                "train": [str(s.path) for s in train_s],
-                "val": [str(s.path) for s in val_s],
-                "skipped": skipped,
-            },
-            indent=1,
-        ),
-    )
+    if d.is_main:
+        split = {"train": [str(s.path) for s in train_s], "val": [str(s.path) for s in val_s]}
+        atomic_write_text(out / "split.json", json.dumps({**split, "skipped": skipped}, indent=1))
     in_channels = train_set[0][0].n_channels
 
     from ctsparse.models import create_model
 
-    model = create_model(cfg.model, in_channels, len(classes)).to(dev)
+    raw = create_model(cfg.model, in_channels, len(classes)).to(dev)
     if "state_dict" in state:
-        model.load_state_dict(state["state_dict"])
+        raw.load_state_dict(state["state_dict"])
+    model = ddp.wrap(raw, d, dev, sync_bn=cfg.train.sync_bn)
+    raw = ddp.unwrap(model)  # (SyncBN-converted) module whose state_dict goes into checkpoints
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    steps_per_epoch = math.ceil(len(train_set) / cfg.train.batch_size)
+    steps = ddp.steps_per_epoch(len(train_set), cfg.train.batch_size, d)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(cfg.train.epochs * steps_per_epoch, cfg.train.warmup_epochs * steps_per_epoch)
+        optimizer, _lr_lambda(cfg.train.epochs * steps, cfg.train.warmup_epochs * steps)
     )
     counts = np.bincount([y for _, y in train_set], minlength=len(classes)).astype(np.float64)
     weights = None
@@ -149,28 +176,52 @@ def train(
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
 
     start_epoch, best_score, best_epoch, bad_epochs = 1, -math.inf, 0, 0
+    partial: EpochProgress | None = None
     if state:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"]) + 1
-        best_score, best_epoch, bad_epochs = (
-            float(state["best_score"]),
-            int(state["best_epoch"]),
-            int(state["bad_epochs"]),
-        )
+        best_score, best_epoch = float(state["best_score"]), int(state["best_epoch"])
+        bad_epochs = int(state["bad_epochs"])
         rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"])
-        hist.truncate(out / "history.csv", int(state["epoch"]))
-    else:
-        hist.truncate(out / "history.csv", 0)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        ddp.restore_torch_rng(state, cfg.train.seed, d, start_epoch)
+        if state.get("partial"):
+            partial = EpochProgress.from_dict(state["partial"])
+            if partial.world != d.world:  # another sharding: redo that epoch from its start
+                emit("partial_restart", {"epoch": partial.epoch, "was": partial.world, "now": d.world})
+                rng.bit_generator.state = partial.rng_state
+                partial = None
+    elif d.enabled:
+        ddp.seed_rank(cfg.train.seed, d, 0)  # per-rank dropout masks
+    if d.is_main:
+        hist.truncate(out / "history.csv", start_epoch - 1)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    def save_last(epoch_done: int, progress: EpochProgress | None) -> None:
+        extra = {
+            "epoch": epoch_done,
+            "best_score": best_score,
+            "best_epoch": best_epoch,
+            "bad_epochs": bad_epochs,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "numpy_rng": progress.rng_state if progress else rng.bit_generator.state,
+            "classes": classes,
+            "world": d.world,
+            "partial": progress.to_dict() if progress else None,
+            **ddp.torch_rng_state(d),  # a collective: every rank calls save_last
+        }
+        if d.is_main:
+            save_checkpoint(out / "last.pt", raw, cfg, classes, in_channels, extra)
+        d.barrier()  # nobody moves on (or exits) before last.pt is on disk
 
     stop = {"flag": False}
 
-    def _on_sigint(signum: int, frame: Any) -> None:
-        stop["flag"] = True
+    def _on_signal(signum: int, frame: Any) -> None:
+        stop["flag"] = True  # read between steps; the step in progress finishes
 
-    previous = signal.signal(signal.SIGINT, _on_sigint) if _main_thread() else None
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, _on_signal) for s in handled} if _main_thread() else {}
     emit(
         "start",
         {
@@ -178,22 +229,31 @@ def train(
             "n_train": len(train_set),
             "n_val": len(val_set),
             "device": str(dev),
+            "world": d.world,
+            "batch_per_rank": ddp.per_rank_batch(cfg.train.batch_size, d),
             "start_epoch": start_epoch,
             "epochs": cfg.train.epochs,
             "skipped": len(skipped),
         },
     )
     last_done = start_epoch - 1  # the last epoch whose checkpoint is on disk
-    interrupted = False
+    interrupted, batches_into_next = False, 0
     t_start = time.perf_counter()
     try:
         for epoch in range(start_epoch, cfg.train.epochs + 1):
             t0 = time.perf_counter()
-            tr = run_epoch(model, train_set, cfg, dev, optimizer, scheduler, loss_fn, rng, epoch, emit, stop)
-            if tr is None:  # interrupted mid-epoch: abandon it, last.pt still holds the previous one
-                interrupted = True
+            resume_from = partial if partial is not None and partial.epoch == epoch else None
+            partial = None
+            tr = run_epoch(
+                model, train_set, cfg, dev, optimizer, scheduler, loss_fn, rng, epoch, emit, stop,
+                dist=d, resume_from=resume_from,
+            )  # fmt: skip
+            if isinstance(tr, EpochProgress):  # stopped between two steps: save that step
+                save_last(epoch - 1, tr)
+                interrupted, batches_into_next = True, tr.batches_done
                 break
-            ev = evaluate(model, val_set or train_set, cfg, dev, loss_fn, classes)
+            ddp.average_bn_buffers(raw, d)
+            ev = evaluate(raw, val_set or train_set, cfg, dev, loss_fn, classes, dist=d)
             score = -ev["loss"] if cfg.train.metric == "loss" else float(ev[cfg.train.metric])
             improved = score > best_score or not math.isfinite(best_score)
             if improved:
@@ -201,51 +261,42 @@ def train(
             else:
                 bad_epochs += 1
             row = hist.row(epoch, optimizer, tr, ev, time.perf_counter() - t0, dev)
-            extra = {
-                "epoch": epoch,
-                "best_score": best_score,
-                "best_epoch": best_epoch,
-                "bad_epochs": bad_epochs,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "numpy_rng": rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state(),
-                "classes": classes,
-            }
-            if improved:
-                save_checkpoint(
-                    out / "best.pt",
-                    model,
-                    cfg,
-                    classes,
-                    in_channels,
-                    {"epoch": epoch, "metrics": _jsonable(ev)},
-                )
-            save_checkpoint(out / "last.pt", model, cfg, classes, in_channels, extra)
-            hist.append(out / "history.csv", row)
+            if d.is_main:
+                # best, then history, then last: a kill between any two leaves last.pt at the
+                # previous epoch, and resuming from it redoes this epoch and rewrites the others
+                if improved:
+                    meta = {"epoch": epoch, "metrics": _jsonable(ev)}
+                    save_checkpoint(out / "best.pt", raw, cfg, classes, in_channels, meta)
+                hist.append(out / "history.csv", row)
+            save_last(epoch, None)
             last_done = epoch
             emit("epoch_end", {**row, "improved": improved, "best_epoch": best_epoch})
             if bad_epochs >= cfg.train.patience:
                 emit("early_stop", {"epoch": epoch, "patience": cfg.train.patience})
                 break
-            if stop["flag"]:
+            if d.any(stop["flag"]):
                 interrupted = True
                 break
             if cfg.train.max_minutes is not None:
                 spent = time.perf_counter() - t_start
-                if spent + spent / (last_done - start_epoch + 1) > 60 * cfg.train.max_minutes:
+                over = spent + spent / (last_done - start_epoch + 1) > 60 * cfg.train.max_minutes
+                if d.any(over):
                     emit("budget_stop", {"epoch": epoch, "minutes": spent / 60})
                     break
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
-    metrics = _final_metrics(out, val_set or train_set, cfg, dev, loss_fn, classes, bool(val_set))
-    metrics["skipped"] = skipped
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
-    hist.plots(out, classes, metrics)
+    metrics: dict[str, Any] = {}
+    if d.is_main:
+        metrics = _final_metrics(out, val_set or train_set, cfg, dev, loss_fn, classes, bool(val_set))
+        metrics["skipped"] = skipped
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+        hist.plots(out, classes, metrics)
     emit("done", {"metrics": metrics, "interrupted": interrupted})
-    return TrainResult(out, best_epoch, best_score, last_done, metrics, skipped, interrupted)
+    return TrainResult(
+        out, best_epoch, best_score, last_done, metrics, skipped, interrupted, batches_into_next
+    )
 
 
 def _main_thread() -> bool:
@@ -268,6 +319,7 @@ def _final_metrics(
     classes: list[str],
     is_val: bool,
 ) -> dict[str, Any]:
+    """The best checkpoint on the validation set; rank 0 alone, with the plain (non-DDP) model."""
     from ctsparse.training.checkpoint import build_from_checkpoint
 
     if not (out / "best.pt").is_file():

@@ -1,0 +1,76 @@
+"""The dot-enhancement (blob) channel: balls respond, tubes and walls much less."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ctsparse.config import AugmentConfig, PreprocessConfig
+from ctsparse.data import augment
+from ctsparse.filters import dot_enhancement
+from ctsparse.sparsify import sparsify
+from ctsparse.volume import Volume
+
+
+def _grid(shape=(40, 40, 40)):
+    return np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij")
+
+
+def _lung_with(ball: bool, tube: bool, radius: float = 4.0) -> np.ndarray:
+    x, y, z = _grid()
+    hu = np.full(x.shape, -850.0, dtype=np.float32)
+    if ball:
+        hu[(x - 12) ** 2 + (y - 20) ** 2 + (z - 20) ** 2 <= radius**2] = 40.0
+    if tube:
+        hu[(x - 28) ** 2 + (y - 20) ** 2 <= radius**2] = 40.0  # runs along z
+    return hu
+
+
+def test_ball_responds_far_more_than_a_tube_of_the_same_radius():
+    hu = _lung_with(ball=True, tube=True)
+    at = np.zeros(hu.shape, dtype=bool)
+    at[12, 20, 20] = at[28, 20, 20] = True  # ball centre, then tube axis (C order)
+    ball, tube = dot_enhancement(hu, (1.0, 1.0, 1.0), [2.0, 3.0], at)
+    assert ball > 0.3 and tube < ball / 5, (ball, tube)
+
+
+def test_scale_normalization_sees_small_and_large_balls_alike():
+    small = _lung_with(ball=True, tube=False, radius=3.0)
+    large = _lung_with(ball=True, tube=False, radius=6.0)
+    at = np.zeros(small.shape, dtype=bool)
+    at[12, 20, 20] = True
+    (a,) = dot_enhancement(small, (1.0, 1.0, 1.0), [1.5, 2.5, 4.0], at)
+    (b,) = dot_enhancement(large, (1.0, 1.0, 1.0), [1.5, 2.5, 4.0], at)
+    assert 0.5 < a / b < 2.0, (a, b)
+
+
+def test_sparsify_appends_the_blob_channel_after_the_patch_values():
+    hu = _lung_with(ball=True, tube=True)
+    hu[:, :, :2] = 40.0  # something body-like so the body mask has a largest component
+    vol = Volume(hu, np.eye(4), "blob.nii.gz")
+    base = PreprocessConfig(threshold=-500, body_mask=False, features="patch", patch_size=2)
+    plain = sparsify(vol, base)
+    withblob = sparsify(vol, PreprocessConfig(**{**base.__dict__, "blob_channel": True}))
+    assert withblob.n_channels == plain.n_channels + 1 == 9
+    np.testing.assert_array_equal(withblob.coords, plain.coords)
+    np.testing.assert_array_equal(withblob.feats[:, :8], plain.feats)
+    blob = withblob.feats[:, 8]
+    site_of = {tuple(c): i for i, c in enumerate(withblob.coords.tolist())}
+    assert blob[site_of[(6, 10, 10)]] > 3 * blob[site_of[(14, 10, 10)]]  # ball block vs tube block
+
+
+def test_augment_moves_hu_channels_only():
+    rng = np.random.default_rng(0)
+    coords = np.array([[0, 0, 0], [3, 1, 2]], dtype=np.int32)
+    feats = rng.normal(size=(2, 9)).astype(np.float32)
+    from ctsparse.sparse import SparseVolume
+
+    sv = SparseVolume(
+        coords, feats, (4, 2, 3), np.eye(4), {"features": "patch", "patch_size": 2, "hu_scale": 500.0}
+    )
+    p = augment.AugmentParams(flip_lr=True, angle_rad=0.0, scale=1.0, hu_shift=50.0)
+    out = augment.apply(sv, p)
+    order = np.argsort(out.coords[:, 0])[::-1]  # flipped: x reversed
+    np.testing.assert_allclose(out.feats[order, 8], feats[:, 8])
+    mirrored = feats[:, :8].reshape(-1, 2, 2, 2)[:, ::-1].reshape(2, 8) + 0.1
+    np.testing.assert_allclose(out.feats[order, :8], mirrored, rtol=1e-6)
+    assert augment.make_params(AugmentConfig(), rng).scale > 0
