@@ -34,7 +34,12 @@ def collate_sparse(svs: Sequence[SparseVolume], device: torch.device) -> Any:
 
     coords = torch.from_numpy(batched_coordinates(svs))
     feats = torch.from_numpy(np.ascontiguousarray(np.concatenate([sv.feats for sv in svs], axis=0)))
-    return ME.SparseTensor(feats.to(device), coordinates=coords.to(device), device=str(device))
+    # An explicit coordinate manager: ME's default one resets OpenMP to min(cpu_count, 20) threads
+    # every time a tensor is built, silently undoing torch.set_num_threads / --threads.
+    manager = ME.CoordinateManager(D=3, num_threads=torch.get_num_threads())
+    return ME.SparseTensor(
+        feats.to(device), coordinates=coords.to(device), device=str(device), coordinate_manager=manager
+    )
 
 
 def collate_dense(svs: Sequence[SparseVolume], device: torch.device, multiple: int = 1) -> torch.Tensor:

@@ -66,6 +66,10 @@ class ModelConfig:
     # cube: 3x3x3 (27 offsets). cross: the 7-offset cross, ~4x fewer kernel-map entries.
     kernel: Literal["cube", "cross"] = "cube"
     stem_kernel: int = 3
+    # Also pool the input features themselves (per-scan mean and max of each input channel, batch
+    # normalized) and hand them to the head beside the network's features: a global skip that lets
+    # a strong per-site channel (e.g. preprocess.blob_channel) reach the head from the first step.
+    input_pooling: bool = False
     dropout: float = 0.1
 
 

@@ -95,3 +95,25 @@ def test_global_pooling_is_exact_per_scan_forward_and_backward(batch):
     (g,) = torch.autograd.grad((torch.cat([avg, mx], 1) * w).sum(), f, retain_graph=True)
     (g_ref,) = torch.autograd.grad((torch.cat([ref_avg, ref_max], 1) * w).sum(), f)
     torch.testing.assert_close(g, g_ref)
+
+
+def test_input_pooling_is_the_same_for_the_sparse_model_and_its_dense_twin():
+    from ctsparse.collate import collate_dense, collate_sparse
+    from ctsparse.models.dense import _input_pool
+    from ctsparse.models.sparse import global_avg_max
+
+    rng = np.random.default_rng(0)
+    svs = []
+    for n in (30, 55, 12):
+        coords = np.unique(rng.integers(0, 9, (n, 3)), axis=0).astype(np.int32)
+        feats = rng.normal(size=(len(coords), 3)).astype(np.float32)
+        svs.append(SparseVolume(coords, feats, (9, 9, 9), np.eye(4), {}))
+    avg, mx = global_avg_max(collate_sparse(svs, torch.device("cpu")))
+    dense = _input_pool(collate_dense(svs, torch.device("cpu"), multiple=4))
+    torch.testing.assert_close(torch.cat([avg, mx], 1), dense, rtol=1e-5, atol=1e-6)
+    for backend in ("sparse", "dense"):
+        cfg = ModelConfig(backend=backend, widths=[4, 8], depths=[1, 1], input_pooling=True)
+        model = create_model(cfg, 3, 2).eval()
+        assert model.head.in_features == 2 * 8 + 2 * 3
+        out = model(collate(svs, None, backend, torch.device("cpu"), 2).inputs)
+        assert out.shape == (3, 2) and torch.isfinite(out).all()

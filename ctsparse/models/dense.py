@@ -38,6 +38,16 @@ def _conv(cfg: ModelConfig, cin: int, cout: int, size: int) -> nn.Module:
     return nn.Conv3d(cin, cout, size, padding=size // 2, bias=False)
 
 
+def _input_pool(x: torch.Tensor) -> torch.Tensor:
+    """Per-scan mean and max of each input channel over the sites (the non-zero cells), as the
+    sparse model's input pooling computes them; padding and empty cells are left out."""
+    occupied = (x != 0).any(dim=1, keepdim=True)
+    n = occupied.sum(dim=(2, 3, 4)).clamp_min(1)
+    mean = (x * occupied).sum(dim=(2, 3, 4)) / n
+    mx = x.masked_fill(~occupied, -torch.inf).amax(dim=(2, 3, 4))
+    return torch.cat([mean, mx], dim=1)
+
+
 class DenseBasicBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, channels: int) -> None:
         super().__init__()
@@ -77,12 +87,16 @@ class DenseResNet(nn.Module):
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.head = nn.Linear(2 * w[-1], num_classes)
-        self.num_features = 2 * w[-1]
+        self.input_norm = nn.BatchNorm1d(2 * in_channels) if cfg.input_pooling else None
+        self.num_features = 2 * w[-1] + (2 * in_channels if cfg.input_pooling else 0)
+        self.head = nn.Linear(self.num_features, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stages(self.stem(x))
-        return torch.cat([x.mean(dim=(2, 3, 4)), x.amax(dim=(2, 3, 4))], dim=1)
+        y = self.stages(self.stem(x))
+        feats = [y.mean(dim=(2, 3, 4)), y.amax(dim=(2, 3, 4))]
+        if self.input_norm is not None:
+            feats.append(self.input_norm(_input_pool(x)))
+        return torch.cat(feats, dim=1)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(features))

@@ -100,13 +100,16 @@ class SparseResNet(nn.Module):
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.head = nn.Linear(2 * w[-1], num_classes)
-        self.num_features = 2 * w[-1]
+        self.input_norm = nn.BatchNorm1d(2 * in_channels) if cfg.input_pooling else None
+        self.num_features = 2 * w[-1] + (2 * in_channels if cfg.input_pooling else 0)
+        self.head = nn.Linear(self.num_features, num_classes)
 
     def forward_features(self, x: ME.SparseTensor) -> torch.Tensor:
         """Pooled embedding (B, 2 * widths[-1]), rows ordered by batch index."""
         avg, mx = global_avg_max(self.stages(self.stem(x)))
-        return torch.cat([avg, mx], dim=1)
+        if self.input_norm is None:
+            return torch.cat([avg, mx], dim=1)
+        return torch.cat([avg, mx, self.input_norm(torch.cat(global_avg_max(x), dim=1))], dim=1)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(features))

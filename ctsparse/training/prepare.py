@@ -123,7 +123,8 @@ def read_and_sparsify(path: str, cfg: PreprocessConfig, series_uid: str | None =
     try:
         with peak_memory() as mem:
             t0 = time.perf_counter()
-            volume = read_volume(path, series_uid=series_uid)
+            # resampled slice by slice while decoding: no full-resolution float volume in memory
+            volume = read_volume(path, series_uid=series_uid, spacing=cfg.spacing)
             t1 = time.perf_counter()
             sv = sparsify(volume, cfg)
             t2 = time.perf_counter()
