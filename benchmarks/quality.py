@@ -38,6 +38,11 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=100)
     ap.add_argument("--minutes", type=float, default=20.0)
     ap.add_argument("--config", default="configs/phantom.yaml")
+    ap.add_argument(
+        "--phantom-spacing",
+        default=None,
+        help="voxel size of the generated phantoms, XxYxZ mm (default 3.65x3.65x5)",
+    )
     ap.add_argument("--backends", default="sparse,dense")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--threads", type=int, default=None, help="torch threads per training process")
@@ -50,10 +55,11 @@ def main() -> None:
     args = ap.parse_args()
     work: Path = args.work
     train_dir, test_dir = work / "train", work / "test"
+    extra = ["--spacing", args.phantom_spacing] if args.phantom_spacing else []
     if not (train_dir / "labels.csv").exists():
-        run([*CTSPARSE, "phantoms", str(train_dir), "--n", str(args.n_train), "--seed", "1"])
+        run([*CTSPARSE, "phantoms", str(train_dir), "--n", str(args.n_train), "--seed", "1", *extra])
     if not (test_dir / "labels.csv").exists():
-        run([*CTSPARSE, "phantoms", str(test_dir), "--n", str(args.n_test), "--seed", "2"])
+        run([*CTSPARSE, "phantoms", str(test_dir), "--n", str(args.n_test), "--seed", "2", *extra])
     with open(test_dir / "labels.csv") as fh:
         truth = {str((test_dir / r["path"]).resolve()): r["label"] for r in csv.DictReader(fh)}
 
