@@ -30,8 +30,9 @@ def _triple(text: str) -> tuple[float, float, float]:
     return values[0], values[1], values[2]
 
 
-def _check_triple(text: str) -> str:
-    _triple(text)
+def _check_triple(text: str | None) -> str | None:
+    if text is not None:
+        _triple(text)
     return text
 
 
@@ -60,9 +61,13 @@ def phantoms(
         PhantomFormat, typer.Option("--format", "-f", help="File format.")
     ] = PhantomFormat.nifti,
     size: Annotated[
-        str,
-        typer.Option(callback=_check_triple, help="Voxels XxYxZ (before --vary changes the slice count)."),
-    ] = "96x96x64",
+        str | None,
+        typer.Option(
+            callback=_check_triple,
+            help="Voxels XxYxZ (before --vary changes the slice count). Default: a 350x350x320 mm "
+            "chest field at --spacing (96x96x64 at the default spacing).",
+        ),
+    ] = None,
     spacing: Annotated[
         str, typer.Option(callback=_check_triple, help="Voxel size in mm, XxYxZ.")
     ] = "3.65x3.65x5",
@@ -78,7 +83,7 @@ def phantoms(
     """Write synthetic chest CT phantoms with real HU values and a labels.csv (path,label)."""
     from ctsparse.data.phantoms import generate_phantoms, phantom_labels
 
-    shape = tuple(int(v) for v in _triple(size))
+    shape = tuple(int(v) for v in _triple(size)) if size is not None else None
     names = tuple(c.strip() for c in classes.split(",") if c.strip())
     start = time.perf_counter()
     with console.status(f"writing {n} phantoms to {out_dir}", spinner="dots"):
