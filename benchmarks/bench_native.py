@@ -49,20 +49,19 @@ def child(args: argparse.Namespace) -> None:
     """One backend in this (fresh) process; results as JSON into args.out."""
     if args.cap_bytes:  # before torch is imported: the cap covers everything this process maps
         resource.setrlimit(resource.RLIMIT_AS, (args.cap_bytes, args.cap_bytes))
-    # ME otherwise resets OpenMP to every core each time it builds a coordinate manager
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import statistics
 
     import torch
 
     from ctsparse.collate import collate
     from ctsparse.config import load_config
+    from ctsparse.device import set_threads
     from ctsparse.io import read_volume
     from ctsparse.models import create_model
     from ctsparse.profiling import peak_memory, peak_rss_bytes
     from ctsparse.sparsify import sparsify
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)  # torch, ME's OpenMP and the BLAS behind ME's convolutions
     cfg = load_config(args.config, [*args.set, f"model.backend={args.child}"])
     res: dict[str, Any] = {"backend": args.child, "threads": torch.get_num_threads()}
     try:

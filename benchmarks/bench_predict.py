@@ -80,20 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cli", action="store_true", help="skip the `ctsparse predict` process timing")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/predict.json"))
     args = ap.parse_args(argv)
-    # before torch and MinkowskiEngine load: ME otherwise resets OpenMP to every core each time it
-    # builds a coordinate manager, whatever torch.set_num_threads said
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
-
     import torch
 
     from ctsparse.collate import collate
+    from ctsparse.device import set_threads
     from ctsparse.io import read_volume
     from ctsparse.predict import predict
     from ctsparse.sparsify import sparsify
     from ctsparse.training.checkpoint import build_from_checkpoint
     from ctsparse.training.epoch import stride_multiple
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)  # torch, ME's OpenMP and the BLAS behind ME's convolutions
     source = ensure_series(args.folder, 300, 512)
     work = Path(tempfile.mkdtemp(prefix="bench_predict_"))
     ckpt_path, cfg = make_checkpoint(args, args.folder, work / "random.pt")
@@ -176,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "ctsparse", "predict", str(ckpt_path), str(args.folder),
                "--device", "cpu", "--threads", str(args.threads), "--out", str(out_json)]  # fmt: skip
         # as a user runs it: without the OMP_NUM_THREADS this script set for itself
-        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
         t0 = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         cli = {"command": " ".join(cmd[1:]), "wall_s": time.perf_counter() - t0, "exit": done.returncode}

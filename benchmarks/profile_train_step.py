@@ -15,6 +15,7 @@ import torch
 
 from ctsparse.config import load_config
 from ctsparse.data.phantoms import case_rng, make_phantom, phantom_labels
+from ctsparse.device import set_threads
 from ctsparse.models import create_model
 from ctsparse.sparsify import sparsify
 from ctsparse.training.epoch import run_epoch
@@ -26,7 +27,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--config", default="configs/phantom.yaml")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     cfg = load_config(args.config, ["train.epochs=1"])
     labels = phantom_labels(args.n, 1)
     data = [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any, cast
 
@@ -127,11 +126,10 @@ def benchmark(
     if bad := [k for k in kernel_list if k not in ("cube", "cross")]:
         raise typer.BadParameter(f"--kernels: unknown kernel {bad[0]!r} (cube, cross)")
     if threads:
-        # MinkowskiEngine resets OpenMP to its own thread count (OMP_NUM_THREADS when it is imported,
-        # else every core) each time it builds a coordinate manager, undoing torch.set_num_threads:
-        # give it the same number before it is imported (also inherited by the memory probes).
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-        torch.set_num_threads(threads)
+        from ctsparse.device import set_threads
+
+        # torch, ME's OpenMP and the BLAS behind ME's convolutions (inherited by the memory probes)
+        set_threads(threads)
     dev = resolve_device(device)
     volumes = []
     if scans:

@@ -166,7 +166,9 @@ def forward_memory(sv: SparseVolume, model_cfg: ModelConfig, backend: str) -> di
 def memory_child(spec_json: str) -> None:
     """Entry point of `forward_memory`'s subprocess: prints one JSON line."""
     spec = json.loads(spec_json)
-    torch.set_num_threads(int(spec["threads"]))
+    from ctsparse.device import set_threads
+
+    set_threads(int(spec["threads"]))
     sv = load_sparse(spec["npz"])
     cfg = ModelConfig(**spec["model"])
     multiple = 2 ** (len(cfg.widths) - 1)

@@ -42,18 +42,34 @@ def resolve_device(spec: str = "auto", *, need_me: bool = True) -> torch.device:
 
 
 def set_threads(n: int) -> None:
-    """CPU threads for torch *and* MinkowskiEngine.
+    """CPU threads for torch, MinkowskiEngine's OpenMP loops *and* its BLAS.
 
-    torch.set_num_threads alone does not hold: every ME coordinate manager (one per batch) sets
-    OpenMP's thread count to ME's own CPU_COUNT, read once from $OMP_NUM_THREADS or
-    os.cpu_count() when ME is imported. Setting the variable covers an ME imported later (and
-    child processes); the module attribute covers an ME already imported.
+    torch.set_num_threads alone does not hold:
+    - every ME coordinate manager (one per batch) sets OpenMP's thread count to ME's own CPU_COUNT,
+      read once from $OMP_NUM_THREADS or os.cpu_count() when ME is imported. Setting the variable
+      covers an ME imported later (and child processes); the module attribute covers an ME already
+      imported.
+    - ME's CPU convolution calls the system BLAS (OpenBLAS on Debian) once per kernel offset, and
+      OpenBLAS keeps its own pthread pool of one thread per core, which neither torch nor OpenMP
+      controls. Its GEMMs are small (channels x sites of one offset); on a machine whose other
+      cores are busy each call waits for a descheduled pool thread, and one 3x3x3 convolution
+      went from 8 ms to 330 ms (benchmarks/profile_conv.py). $OPENBLAS_NUM_THREADS covers a BLAS
+      loaded later; threadpoolctl resizes one already loaded.
     """
     import os
     import sys
 
     os.environ["OMP_NUM_THREADS"] = str(n)
+    os.environ["OPENBLAS_NUM_THREADS"] = str(n)
     torch.set_num_threads(n)
     me = sys.modules.get("MinkowskiEngine")
     if me is not None:  # ME imports its modules as top-level names: find it by its class
         sys.modules[me.CoordinateManager.__module__].CPU_COUNT = n  # type: ignore[attr-defined]
+    limit_blas_threads(n)
+
+
+def limit_blas_threads(n: int) -> None:
+    """Resize the thread pools of every BLAS loaded in this process (OpenBLAS, MKL, BLIS)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=n, user_api="blas")
