@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 SETUP_HINT = "run `bash scripts/setup.sh` from the ctsparse checkout (builds and installs MinkowskiEngine)"
 
@@ -43,7 +44,8 @@ def _torch_checks() -> list[Check]:
     n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
     devices = ["cpu"] + [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(n_gpu)]
     checks.append(Check("devices", True, "; ".join(devices)))
-    env_threads = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}
+    names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+    env_threads = {k: os.environ[k] for k in names if k in os.environ}
     checks.append(
         Check(
             "threads",
@@ -73,6 +75,7 @@ def _me_checks() -> list[Check]:
             f"{ME.__version__} ({'CUDA ' + str(ME.cuda_version()) if cuda else 'CPU-only'} build)",
         ),
         Check("BLAS linked by ME", True, _linked_blas(str(backend.__file__))),
+        _blas_pools(),
     ]
     try:
         import torch
@@ -86,7 +89,39 @@ def _me_checks() -> list[Check]:
         )
     except Exception as exc:
         checks.append(Check("ME smoke convolution", False, f"failed: {str(exc).splitlines()[0]}", SETUP_HINT))
+    checks.append(_cross_check())
     return checks
+
+
+def _blas_pools() -> Check:
+    """Thread pools of the BLAS libraries loaded now (ME's convolutions call one per kernel offset;
+    `--threads N` sizes them with torch's, see device.set_threads)."""
+    try:
+        from threadpoolctl import threadpool_info
+
+        pools = [
+            f"{p['internal_api']} {p['num_threads']} ({Path(p['filepath']).name})" for p in threadpool_info()
+        ]
+    except Exception as exc:
+        return Check("BLAS thread pools", True, f"unknown ({str(exc).splitlines()[0]})")
+    return Check("BLAS thread pools", True, "; ".join(pools) or "none loaded")
+
+
+def _cross_check() -> Check:
+    from ctsparse.models.kernels import CROSS_OFFSETS, cross_kernel_offsets
+
+    try:
+        got = cross_kernel_offsets()
+    except Exception as exc:
+        return Check("ME cross kernel", False, f"failed: {str(exc).splitlines()[0]}", SETUP_HINT)
+    if got == CROSS_OFFSETS:
+        return Check("ME cross kernel", True, "centre + 6 face neighbours (ctsparse patch 0002)")
+    return Check(
+        "ME cross kernel",
+        False,
+        f"offsets {list(got or [])}: the unpatched 0.5.4 cross (ME issue #436); model.kernel: cross refuses",
+        "reinstall MinkowskiEngine with `python scripts/install_me.py` (applies scripts/me-patches)",
+    )
 
 
 def check_environment() -> list[Check]:

@@ -93,3 +93,22 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path: Path) -> None:
     torch.save(raw, edited)
     with pytest.raises(CheckpointError, match=r"model\.width_multiplier"):
         load_checkpoint(edited)
+
+
+def test_cross_checkpoint_from_the_unpatched_cross_kernel_is_refused(tmp_path: Path) -> None:
+    """A sparse cross model saved before ctsparse patched ME's cross kernel has weights for other
+    offsets: loading it must fail with the reason, not silently predict with shuffled weights."""
+    cfg = load_config(None, ["model.kernel=cross", "model.widths=[4, 8]", "model.depths=[1, 1]"])
+    path = tmp_path / "cross.pt"
+    save_checkpoint(path, create_model(cfg.model, 1, 2), cfg, ["a", "b"], 1)
+    assert load_checkpoint(path).config.model.kernel == "cross"  # this build's checkpoints load
+    raw = torch.load(path, weights_only=True)
+    del raw["kernel_order"]  # as every checkpoint written before the patch
+    old = tmp_path / "old_cross.pt"
+    torch.save(raw, old)
+    with pytest.raises(CheckpointError, match=r"unpatched cross kernel.*retrain"):
+        load_checkpoint(old)
+    # the dense twin's cross (a masked Conv3d) never depended on ME: still loads
+    raw["config"]["model"]["backend"] = "dense"
+    torch.save(raw, old)
+    assert load_checkpoint(old).config.model.backend == "dense"

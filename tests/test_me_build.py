@@ -94,6 +94,62 @@ def test_strided_sparse_conv_matches_dense_at_output_sites() -> None:
     torch.testing.assert_close(y.F, expected, rtol=1e-10, atol=1e-10)
 
 
+# The cross's offsets in the order of scripts/me-patches/0002 (centre, then -1 and +1 per axis)
+CROSS_OFFSETS = [(0, 0, 0), (-1, 0, 0), (1, 0, 0), (0, -1, 0), (0, 1, 0), (0, 0, -1), (0, 0, 1)]
+
+
+def me_cross_kernel_from_dense(w: torch.Tensor) -> torch.Tensor:
+    """torch weight (Cout, Cin, 3, 3, 3), only its cross used -> ME kernel (7, Cin, Cout)."""
+    return torch.stack([w[:, :, dx + 1, dy + 1, dz + 1].T for dx, dy, dz in CROSS_OFFSETS])
+
+
+def cross_mask() -> torch.Tensor:
+    mask = torch.zeros((3, 3, 3), dtype=torch.float64)
+    for dx, dy, dz in CROSS_OFFSETS:
+        mask[dx + 1, dy + 1, dz + 1] = 1.0
+    return mask
+
+
+@pytest.mark.parametrize("tensor_stride", [1, 2])
+def test_cross_kernel_is_the_centre_and_its_six_face_neighbours(tensor_stride: int) -> None:
+    """ME 0.5.4 as released enumerated a HYPER_CROSS region with the hypercube's first 7 indices (7
+    corner offsets, no centre: ME issue #436); scripts/me-patches/0002 fixes it. Forward and
+    backward must equal conv3d with the weights outside the cross zeroed, also on a coarser level
+    (tensor stride 2, the classifier's later stages), where neighbours are 2 apart."""
+    rng = torch.Generator().manual_seed(21 + tensor_stride)
+    cin, cout, size = 3, 5, 9
+    mask, coords, feats = random_sparse(rng, 2, size, 0.35, cin)
+    w = torch.randn((cout, cin, 3, 3, 3), generator=rng, dtype=torch.float64) * cross_mask()
+    grad_out = torch.randn((coords.shape[0], cout), generator=rng, dtype=torch.float64)
+    gen = ME.KernelGenerator(3, 1, 1, region_type=ME.RegionType.HYPER_CROSS, dimension=3)
+    conv = ME.MinkowskiConvolution(cin, cout, kernel_size=3, bias=False, kernel_generator=gen, dimension=3)
+    conv = conv.double()
+    assert conv.kernel.shape == (7, cin, cout)
+    with torch.no_grad():
+        conv.kernel.copy_(me_cross_kernel_from_dense(w))
+    feats_sp = feats.clone().requires_grad_(True)
+    scaled = coords.clone()
+    scaled[:, 1:] *= tensor_stride
+    y = conv(ME.SparseTensor(feats_sp, coordinates=scaled, tensor_stride=tensor_stride))
+    order = {tuple(c): i for i, c in enumerate(y.C.tolist())}
+    y_sparse = y.F[torch.tensor([order[tuple(c)] for c in scaled.tolist()])]
+    (y_sparse * grad_out).sum().backward()
+
+    dense = torch.zeros((2, cin, size, size, size), dtype=torch.float64)
+    bi, xi, yi, zi = coords.long().unbind(1)
+    dense[bi, :, xi, yi, zi] = feats
+    dense.requires_grad_(True)
+    w_d = w.clone().requires_grad_(True)
+    y_dense = torch.nn.functional.conv3d(dense, w_d, padding=1)[bi, :, xi, yi, zi]
+    (y_dense * grad_out).sum().backward()
+
+    assert mask.sum() > 100
+    torch.testing.assert_close(y_sparse, y_dense, rtol=1e-10, atol=1e-10)
+    assert feats_sp.grad is not None and dense.grad is not None and w_d.grad is not None
+    torch.testing.assert_close(feats_sp.grad, dense.grad[bi, :, xi, yi, zi], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(conv.kernel.grad, me_cross_kernel_from_dense(w_d.grad), rtol=1e-10, atol=1e-10)
+
+
 def test_float32_matches_within_single_precision() -> None:
     """The float32 path goes through the BLAS ME was linked against (the classifier's dtype)."""
     rng = torch.Generator().manual_seed(3)

@@ -117,3 +117,13 @@ def test_input_pooling_is_the_same_for_the_sparse_model_and_its_dense_twin():
         assert model.head.in_features == 2 * 8 + 2 * 3
         out = model(collate(svs, None, backend, torch.device("cpu"), 2).inputs)
         assert out.shape == (3, 2) and torch.isfinite(out).all()
+
+
+def test_installed_minkowskiengine_computes_the_cross_kernel_the_model_expects() -> None:
+    """scripts/me-patches/0002: centre first, then -1/+1 per axis (0.5.4 as released: 7 offsets of
+    the cube's first corner plane, no centre), read off a kernel map of the installed build."""
+    from ctsparse.models.kernels import CROSS_OFFSETS, cross_kernel_offsets
+
+    got = cross_kernel_offsets()
+    assert got == CROSS_OFFSETS
+    assert got[0] == (0, 0, 0) and sorted(sum(map(abs, o)) for o in got) == [0, 1, 1, 1, 1, 1, 1]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ctsparse.config import ModelConfig
+from ctsparse.models.kernels import check_cross_kernel
 from ctsparse.models.registry import register
 
 
@@ -81,6 +82,8 @@ class SparseResNet(nn.Module):
 
     def __init__(self, cfg: ModelConfig, in_channels: int, num_classes: int) -> None:
         super().__init__()
+        if cfg.kernel == "cross":
+            check_cross_kernel()
         w = cfg.widths
         self.stem = nn.Sequential(
             _conv(cfg, in_channels, w[0], cfg.stem_kernel),

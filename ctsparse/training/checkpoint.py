@@ -20,6 +20,7 @@ from ctsparse import __version__
 from ctsparse.config import Config, from_dict, to_dict
 from ctsparse.errors import CheckpointError, ConfigError
 from ctsparse.fileio import atomic_write
+from ctsparse.models.kernels import CROSS_ORDER
 
 FORMAT = "ctsparse-checkpoint"
 FORMAT_VERSION = 1
@@ -63,6 +64,8 @@ def save_checkpoint(
         "classes": list(classes),
         "in_channels": int(in_channels),
         "versions": versions(),
+        # which offset each ME cross-kernel weight belongs to (see models/kernels.py)
+        "kernel_order": {"cross": CROSS_ORDER},
         "extra": extra or {},
     }
     with atomic_write(path) as fh:
@@ -106,6 +109,13 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
         cfg = from_dict(raw["config"])
     except ConfigError as exc:
         raise CheckpointError(path, f"its config does not match this ctsparse version: {exc}") from exc
+    order = (raw.get("kernel_order") or {}).get("cross")
+    if cfg.model.backend == "sparse" and cfg.model.kernel == "cross" and order != CROSS_ORDER:
+        raise CheckpointError(
+            path,
+            "a cross-kernel model trained with MinkowskiEngine 0.5.4's unpatched cross kernel (its weights "
+            "belong to other offsets, ME issue #436); retrain it with this build",
+        )
     return LoadedCheckpoint(
         cfg, list(raw["classes"]), int(raw["in_channels"]), raw["state_dict"], raw.get("extra", {})
     )
