@@ -41,7 +41,7 @@ import torch
 from ctsparse.benchmark import phantom_at, threshold_cases
 from ctsparse.collate import collate_dense, collate_sparse
 from ctsparse.config import load_config
-from ctsparse.device import set_threads
+from ctsparse.device import limit_blas_threads, set_threads
 from ctsparse.models import create_model
 
 BONE_HU = 200.0
@@ -186,9 +186,17 @@ def main() -> None:
     ap.add_argument("--kernels", default="cube,cross")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--blas-threads",
+        type=int,
+        default=None,
+        help="OpenBLAS pool size (default: --threads, as ctsparse sets it)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     set_threads(args.threads)  # torch, ME's OpenMP and the BLAS behind ME's convolutions
+    if args.blas_threads is not None:
+        limit_blas_threads(args.blas_threads)
     cfg = load_config(args.config)
     rows = []
     for s in (float(v) for v in args.spacings.split(",")):
@@ -217,7 +225,8 @@ def main() -> None:
                     flush=True,
                 )
     if args.json:
-        args.json.write_text(json.dumps({"threads": args.threads, "runs": args.runs, "rows": rows}, indent=1))
+        meta = {"threads": args.threads, "blas_threads": args.blas_threads or args.threads, "runs": args.runs}
+        args.json.write_text(json.dumps({**meta, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
