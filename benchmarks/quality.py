@@ -78,11 +78,13 @@ def main() -> None:
     for seed in seeds:
         # one folder per (backend, seed); a finished run keeps its result.json and is not re-run,
         # so an interrupted sweep resumes where it stopped
-        todo = {}
+        todo, trained = {}, {}
         for backend in args.backends.split(","):
             run_dir = work / f"run-{backend}-s{seed}"
             if (run_dir / "result.json").exists():
                 results.setdefault(backend, {})[str(seed)] = json.loads((run_dir / "result.json").read_text())
+            elif (run_dir / "train_wall.json").exists():  # trained, not yet evaluated
+                trained[backend] = run_dir
             else:
                 todo[backend] = run_dir
         procs = {}
@@ -101,8 +103,10 @@ def main() -> None:
             log.close()
             if proc.returncode != 0:
                 raise SystemExit(f"training {backend} (seed {seed}) failed: see {log.name}")
-            run_dir = todo[backend]
-            result = evaluate(args, run_dir, test_dir, truth, ended[backend] - t0)
+            (todo[backend] / "train_wall.json").write_text(json.dumps({"train_wall_s": ended[backend] - t0}))
+        for backend, run_dir in {**trained, **todo}.items():
+            train_s = json.loads((run_dir / "train_wall.json").read_text())["train_wall_s"]
+            result = evaluate(args, run_dir, test_dir, truth, train_s)
             (run_dir / "result.json").write_text(json.dumps(result, indent=1))
             results.setdefault(backend, {})[str(seed)] = result
     (work / "results.json").write_text(json.dumps(results, indent=1))
@@ -136,11 +140,15 @@ def evaluate(
         history = list(csv.DictReader(fh))
     pred_json = run_dir / "test_predictions.json"
     threads = ["--threads", str(args.threads)] if args.threads else []
-    subprocess.run(
+    done = subprocess.run(
         [*CTSPARSE, "predict", str(run_dir / "best.pt"), str(test_dir), "--out", str(pred_json), *threads],
         check=False,
         stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
+    if not pred_json.exists():  # exit 1 with some failed scans still writes the file
+        raise SystemExit(f"predict with {run_dir / 'best.pt'} failed: {done.stderr.strip()[-500:]}")
     rows = json.loads(pred_json.read_text())["rows"]
     ok = [r for r in rows if not r.get("error")]
     correct = sum(truth[str(Path(r["path"]).resolve())] == r["label"] for r in ok)
