@@ -14,10 +14,15 @@ of --runs:
 - same maps, torch: the same arithmetic on ME's own kernel map in torch ops, per kernel offset
   (index_select -> mm -> index_add_), to separate ME's CPU kernel (a serial per-row gather, one GEMM
   per offset, a serial per-row scatter-add) from the work itself; checked equal to ME's output;
+- im2col GEMM: the same map as a (sites, offsets) neighbour table, every output's neighbours
+  gathered into one (sites, offsets x channels) matrix and one GEMM (what an implicit-GEMM kernel
+  does, here in torch): what a better CPU kernel could gain on the same kernel map;
 - grid lookup map: the same kernel map computed with a dense int32 lookup grid in torch (vectorised,
   no hashing), checked equal as a set of pairs to ME's map;
 - dense conv: the dense twin's Conv3d on the same stage's grid (zero-filled), and the ideal
-  sparse time occupancy x dense.
+  sparse time occupancy x dense. For the cross kernel the twin runs a 3x3x3 Conv3d with the
+  weights outside the cross masked; the same convolution as three 1-D convolutions (9 taps
+  instead of 27) is timed beside it, to show whether the twin could be faster;
 
 Nothing here changes the model: it shows which part of the sparse path is the wall, and what would
 get past it. Raw rows go to --json.
@@ -91,6 +96,22 @@ def torch_conv(
     return out
 
 
+def neighbour_table(maps: dict[int, torch.Tensor], n_out: int, n_in: int, volume: int) -> torch.Tensor:
+    """(n_out, volume) input row per output and offset, n_in (a zero row) where there is none."""
+    table = torch.full((n_out, volume), n_in, dtype=torch.int64)
+    for k, io in maps.items():
+        table[io[1].long(), k] = io[0].long()
+    return table
+
+
+def im2col_conv(feats: torch.Tensor, weight: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The same convolution as one GEMM: gather every output's neighbours into (n_out, volume * cin)
+    and multiply by the (volume * cin, cout) kernel; no scatter-add."""
+    padded = torch.cat([feats, feats.new_zeros(1, feats.shape[1])])
+    cols = padded[table].reshape(table.shape[0], -1)
+    return cols @ weight.reshape(-1, weight.shape[2])
+
+
 def grid_kernel_map(
     coords: torch.Tensor, stride: int, offsets: torch.Tensor
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -139,6 +160,16 @@ def profile_layer(sm: Any, sx: Any, dm: torch.nn.Conv3d, dx: torch.Tensor, runs:
     weight = sm.kernel.detach()
     mine = torch_conv(feats, weight, maps, feats.shape[0])
     torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-4)
+    table = neighbour_table(maps, feats.shape[0], feats.shape[0], weight.shape[0])
+    torch.testing.assert_close(im2col_conv(feats, weight, table), ref, rtol=1e-4, atol=1e-4)
+    if kg.region_type == ME.RegionType.HYPER_CROSS:
+        masked = dm.weight * dm.mask
+        torch.testing.assert_close(
+            factorised_cross(dx, masked),
+            torch.nn.functional.conv3d(dx, masked, padding=1),
+            rtol=1e-4,
+            atol=1e-4,
+        )
     # the same kernel map from a lookup grid: same (in, out) pairs per offset as ME's
     offs = region_offsets(kg.region_type)
     lut_maps = grid_kernel_map(coords, stride, offs)
@@ -150,8 +181,14 @@ def profile_layer(sm: Any, sx: Any, dm: torch.nn.Conv3d, dx: torch.Tensor, runs:
         t_first = median_time(first_conv, runs)
         t_me = median_time(lambda: sm(cached), runs)
         t_torch = median_time(lambda: torch_conv(feats, weight, maps, feats.shape[0]), runs)
+        t_im2col = median_time(lambda: im2col_conv(feats, weight, table), runs)
         t_lut = median_time(lambda: grid_kernel_map(coords, stride, offs), runs)
         t_dense = median_time(lambda: dm(dx), runs)
+        t_factorised = (
+            median_time(lambda: factorised_cross(dx, dm.weight), runs)
+            if kg.region_type == ME.RegionType.HYPER_CROSS
+            else None
+        )
     occupancy = feats.shape[0] / float(np.prod(dx.shape[2:]))
     return {
         "tensor_stride": stride,
@@ -164,10 +201,26 @@ def profile_layer(sm: Any, sx: Any, dm: torch.nn.Conv3d, dx: torch.Tensor, runs:
         "me_kernel_map_s": max(0.0, t_first - t_build - t_me),
         "me_conv_cached_s": t_me,
         "torch_conv_on_me_map_s": t_torch,
+        "torch_im2col_gemm_on_me_map_s": t_im2col,
         "grid_lookup_kernel_map_s": t_lut,
         "dense_conv_s": t_dense,
+        "dense_cross_as_three_1d_convs_s": t_factorised,
         "ideal_s": occupancy * t_dense,
+        # cost of one (input site, output site) pair of the sparse conv vs one weight tap of the
+        # dense conv at one voxel (27 taps: the cross twin is a masked 3x3x3 conv)
+        "me_conv_ns_per_pair": 1e9 * t_me / n_pairs,
+        "dense_conv_ns_per_tap": 1e9 * t_dense / (27 * float(np.prod(dx.shape[2:]))),
     }
+
+
+def factorised_cross(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The dense cross convolution as three 1-D convolutions (3x1x1, then 1x3x1 and 1x1x3 without
+    the centre): 9 weight taps instead of the masked 3x3x3's 27. Checked equal to the masked conv."""
+    f = torch.nn.functional
+    out = f.conv3d(x, w[:, :, :, 1:2, 1:2], padding=(1, 0, 0))
+    out += f.conv3d(x, w[:, :, 1:2, 0::2, 1:2], padding=(0, 1, 0), dilation=(1, 2, 1))
+    out += f.conv3d(x, w[:, :, 1:2, 1:2, 0::2], padding=(0, 0, 1), dilation=(1, 1, 2))
+    return out
 
 
 def region_offsets(region_type: Any) -> torch.Tensor:
@@ -220,8 +273,16 @@ def main() -> None:
                     f"ME map {1e3 * row['me_kernel_map_s']:.1f} ms, "
                     f"ME conv {1e3 * row['me_conv_cached_s']:.1f} ms, "
                     f"torch on ME map {1e3 * row['torch_conv_on_me_map_s']:.1f} ms, "
+                    f"im2col GEMM {1e3 * row['torch_im2col_gemm_on_me_map_s']:.1f} ms, "
                     f"grid map {1e3 * row['grid_lookup_kernel_map_s']:.1f} ms | dense "
-                    f"{1e3 * row['dense_conv_s']:.1f} ms, ideal {1e3 * row['ideal_s']:.1f} ms",
+                    f"{1e3 * row['dense_conv_s']:.1f} ms, ideal {1e3 * row['ideal_s']:.1f} ms"
+                    + (
+                        f", as 3 1-D convs {1e3 * row['dense_cross_as_three_1d_convs_s']:.1f} ms"
+                        if row["dense_cross_as_three_1d_convs_s"] is not None
+                        else ""
+                    )
+                    + f" | ns per pair ME {row['me_conv_ns_per_pair']:.1f}, per dense tap "
+                    f"{row['dense_conv_ns_per_tap']:.2f}",
                     flush=True,
                 )
     if args.json:
