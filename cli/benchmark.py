@@ -60,8 +60,16 @@ def _plot(rows: list[dict[str, Any]], target: Path) -> None:
     a2.set(xlabel="dense grid voxels (resolution sweep)", ylabel="forward time (s, median)")
     a2.set(xscale="log", yscale="log")
     a3.set(xlabel="sites", ylabel="memory of one forward (MB)", xscale="log", yscale="log")
+    # a panel without data (e.g. no occupancy sweep: --thresholds "" --fills "") is left out
+    kept = [ax for ax in (a1, a2, a3) if ax.has_data()] or [a1]
+    grid = fig.add_gridspec(1, len(kept))
     for ax in (a1, a2, a3):
-        ax.legend(fontsize=7)
+        if ax in kept:
+            ax.set_subplotspec(grid[kept.index(ax)])
+            ax.legend(fontsize=7)
+        else:
+            fig.delaxes(ax)
+    fig.set_size_inches(16 * len(kept) / 3, 4.5)
     fig.tight_layout()
     with atomic_path(target) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
