@@ -243,7 +243,7 @@ def main() -> None:
         "--blas-threads",
         type=int,
         default=None,
-        help="OpenBLAS pool size (default: --threads, as ctsparse sets it)",
+        help="OpenBLAS pool size (default: what ctsparse sets, device.blas_threads)",
     )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()

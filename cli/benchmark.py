@@ -133,11 +133,10 @@ def benchmark(
     kernel_list = [k.strip() for k in kernels.split(",") if k.strip()] or [cfg.model.kernel]
     if bad := [k for k in kernel_list if k not in ("cube", "cross")]:
         raise typer.BadParameter(f"--kernels: unknown kernel {bad[0]!r} (cube, cross)")
-    if threads:
-        from ctsparse.device import set_threads
+    from ctsparse.device import configure_threads
 
-        # torch, ME's OpenMP and the BLAS behind ME's convolutions (inherited by the memory probes)
-        set_threads(threads)
+    # torch, ME's OpenMP and the BLAS behind ME's convolutions (inherited by the memory probes)
+    configure_threads(threads)
     dev = resolve_device(device)
     volumes = []
     if scans:

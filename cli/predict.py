@@ -32,13 +32,11 @@ def predict(
     ] = 0,
 ) -> None:
     """Predict labels for CT scans with a trained checkpoint."""
+    from ctsparse.device import configure_threads
     from ctsparse.predict import predict as run_predict
     from ctsparse.predict import summarize
 
-    if threads:
-        from ctsparse.device import set_threads
-
-        set_threads(threads)
+    configure_threads(threads)  # torch + ME's OpenMP (when given) and ME's BLAS pool (always)
     if out is not None and out.suffix.lower() not in (".csv", ".json"):
         raise typer.BadParameter(f"{out}: --out must end in .csv or .json")
     t0 = time.perf_counter()

@@ -148,10 +148,9 @@ def train(
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks and writes
     if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CtsparseError("--nproc: already running under torchrun; drop --nproc")
-    if threads:
-        from ctsparse.device import set_threads
+    from ctsparse.device import configure_threads
 
-        set_threads(threads)
+    configure_threads(threads)  # torch + ME's OpenMP (when given) and ME's BLAS pool (always)
 
     overrides = list(set_ or [])
     for key, value in (

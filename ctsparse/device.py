@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ctsparse.errors import CtsparseError
@@ -41,8 +43,33 @@ def resolve_device(spec: str = "auto", *, need_me: bool = True) -> torch.device:
     raise CtsparseError(f"--device {spec}: expected auto, cpu, cuda or cuda:N")
 
 
+# OpenBLAS's pool is kept at one thread unless the user set $OPENBLAS_NUM_THREADS before ctsparse
+# started. More never helped ME's small per-offset GEMMs and its spinning pool threads fight torch's
+# OpenMP threads for the cores: on an idle 2-core machine the sparse forward took 433 ms with
+# torch and OpenBLAS both at 2 threads (the out-of-the-box setting) and 248 ms with OpenBLAS at 1
+# (129 vs 39 ms with 4^3 patches; benchmarks/bench_blas_threads.py, results/blas_threads.json).
+_USER_BLAS_THREADS = os.environ.get("OPENBLAS_NUM_THREADS")
+
+
+def blas_threads() -> int:
+    try:
+        return max(1, int(_USER_BLAS_THREADS or 1))
+    except ValueError:
+        return 1
+
+
+def configure_threads(n: int | None) -> None:
+    """What train/predict/benchmark call first: `set_threads(n)` when --threads is given, else
+    torch's own count for torch and ME's OpenMP, and the BLAS pool at `blas_threads()` all the same."""
+    if n:
+        set_threads(n)
+        return
+    os.environ["OPENBLAS_NUM_THREADS"] = str(blas_threads())
+    limit_blas_threads(blas_threads())
+
+
 def set_threads(n: int) -> None:
-    """CPU threads for torch, MinkowskiEngine's OpenMP loops *and* its BLAS.
+    """CPU threads for torch and MinkowskiEngine's OpenMP loops; its BLAS gets `blas_threads()`.
 
     torch.set_num_threads alone does not hold:
     - every ME coordinate manager (one per batch) sets OpenMP's thread count to ME's own CPU_COUNT,
@@ -56,16 +83,15 @@ def set_threads(n: int) -> None:
       went from 8 ms to 330 ms (benchmarks/profile_conv.py). $OPENBLAS_NUM_THREADS covers a BLAS
       loaded later; threadpoolctl resizes one already loaded.
     """
-    import os
     import sys
 
     os.environ["OMP_NUM_THREADS"] = str(n)
-    os.environ["OPENBLAS_NUM_THREADS"] = str(n)
+    os.environ["OPENBLAS_NUM_THREADS"] = str(blas_threads())
     torch.set_num_threads(n)
     me = sys.modules.get("MinkowskiEngine")
     if me is not None:  # ME imports its modules as top-level names: find it by its class
         sys.modules[me.CoordinateManager.__module__].CPU_COUNT = n  # type: ignore[attr-defined]
-    limit_blas_threads(n)
+    limit_blas_threads(blas_threads())
 
 
 def limit_blas_threads(n: int) -> None:

@@ -104,7 +104,12 @@ def _blas_pools() -> Check:
         ]
     except Exception as exc:
         return Check("BLAS thread pools", True, f"unknown ({str(exc).splitlines()[0]})")
-    return Check("BLAS thread pools", True, "; ".join(pools) or "none loaded")
+    from ctsparse.device import blas_threads
+
+    now = "; ".join(pools) or "none loaded"
+    return Check(
+        "BLAS thread pools", True, f"{now} (train/predict/benchmark run OpenBLAS at {blas_threads()})"
+    )
 
 
 def _cross_check() -> Check:
