@@ -127,3 +127,28 @@ def test_installed_minkowskiengine_computes_the_cross_kernel_the_model_expects()
     got = cross_kernel_offsets()
     assert got == CROSS_OFFSETS
     assert got[0] == (0, 0, 0) and sorted(sum(map(abs, o)) for o in got) == [0, 1, 1, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("size", "stride", "shape"), [(3, 1, (9, 7, 8)), (2, 2, (8, 6, 10)), (3, 1, (40, 32, 32))]
+)
+def test_dense_twin_conv_on_onednn_equals_conv3d(size: int, stride: int, shape: tuple[int, int, int]) -> None:
+    """The twin's Conv3d calls oneDNN directly on channels-last tensors (the default dispatch sends
+    small batch-of-one inputs to slow_conv3d): same values and gradients as F.conv3d."""
+    from ctsparse.models.dense import Conv3d, MaskedConv3d
+
+    torch.manual_seed(0)
+    convs = [Conv3d(5, 6, size, stride=stride, padding=size // 2 if stride == 1 else 0, bias=False)]
+    if stride == 1:
+        convs.append(MaskedConv3d(5, 6, size))
+    for conv in convs:
+        x = torch.randn(1, 5, *shape, requires_grad=True)
+        weight = conv.weight * conv.mask if isinstance(conv, MaskedConv3d) else conv.weight
+        ref = torch.nn.functional.conv3d(x, weight, None, stride, conv.padding)
+        out = conv(x)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        g = torch.randn_like(ref)
+        gx, gw = torch.autograd.grad(out, (x, conv.weight), g)
+        rx, rw = torch.autograd.grad(ref, (x, conv.weight), g)
+        torch.testing.assert_close(gx, rx, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gw, rw, rtol=1e-3, atol=1e-3)
