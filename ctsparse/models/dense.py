@@ -23,7 +23,7 @@ class Conv3d(nn.Conv3d):
 
     PyTorch's dispatch sends a batch of one scan with fewer than 20,480 values in its first four
     dimensions (N x C x X x Y: the stem and the deeper, smaller stages) to the generic
-    `slow_conv3d`, 7-12x slower than oneDNN on the same input; and oneDNN itself is ~1.6x faster
+    `slow_conv3d`, 3.5-19x slower than oneDNN on the same input; and oneDNN itself is 1.5-2x faster
     on channels-last than on contiguous tensors (benchmarks/bench_dense_conv.py). The dense twin
     is the baseline of every sparse claim, so it gets the fastest path PyTorch has. Same weights,
     same state_dict, same results as F.conv3d (tests/test_models.py).
