@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ctsparse.benchmark import median_seconds
 from ctsparse.device import set_threads
 
 SHAPES = [  # (grid, cin, cout): stem and stage convolutions of the twin on the benchmark phantom
@@ -33,16 +32,6 @@ SHAPES = [  # (grid, cin, cout): stem and stage convolutions of the twin on the 
     ((104, 88, 120), 16, 16),
     ((52, 44, 60), 32, 32),
 ]
-
-
-def median_ms(fn: Callable[[], Any], runs: int) -> float:
-    fn()
-    out = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(out)
 
 
 def paths(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
@@ -76,8 +65,8 @@ def main() -> None:
         for name, fn in ways.items():
             torch.testing.assert_close(fn().detach(), ref, rtol=1e-4, atol=1e-3)
             with torch.no_grad():
-                row[f"{name}_forward_ms"] = median_ms(fn, args.runs)
-            row[f"{name}_forward_backward_ms"] = median_ms(backward_of(fn), max(3, args.runs // 2))
+                row[f"{name}_forward_ms"] = 1e3 * median_seconds(fn, args.runs)
+            row[f"{name}_forward_backward_ms"] = 1e3 * median_seconds(backward_of(fn), max(3, args.runs // 2))
         rows.append(row)
         fwd = " / ".join(f"{row[f'{n}_forward_ms']:.1f}" for n in ways)
         both = " / ".join(f"{row[f'{n}_forward_backward_ms']:.1f}" for n in ways)

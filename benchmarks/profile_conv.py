@@ -32,9 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -43,23 +40,14 @@ import MinkowskiEngine as ME
 import numpy as np
 import torch
 
-from ctsparse.benchmark import phantom_at, threshold_cases
+from ctsparse.benchmark import median_seconds, phantom_at, threshold_cases
 from ctsparse.collate import collate_dense, collate_sparse
 from ctsparse.config import load_config
 from ctsparse.device import limit_blas_threads, set_threads
 from ctsparse.models import create_model
+from ctsparse.models.kernels import CROSS_OFFSETS
 
 BONE_HU = 200.0
-
-
-def median_time(fn: Callable[[], Any], runs: int) -> float:
-    fn()
-    out = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
 
 
 def first_stage_convs(model: torch.nn.Module, x: Any, kind: type) -> list[tuple[torch.nn.Module, Any]]:
@@ -177,15 +165,15 @@ def profile_layer(sm: Any, sx: Any, dm: torch.nn.Conv3d, dx: torch.Tensor, runs:
     assert sum(int(i.numel()) for i, _ in lut_maps) == n_pairs, "lookup-grid map differs from ME's"
 
     with torch.no_grad():
-        t_build = median_time(build_only, runs)
-        t_first = median_time(first_conv, runs)
-        t_me = median_time(lambda: sm(cached), runs)
-        t_torch = median_time(lambda: torch_conv(feats, weight, maps, feats.shape[0]), runs)
-        t_im2col = median_time(lambda: im2col_conv(feats, weight, table), runs)
-        t_lut = median_time(lambda: grid_kernel_map(coords, stride, offs), runs)
-        t_dense = median_time(lambda: dm(dx), runs)
+        t_build = median_seconds(build_only, runs)
+        t_first = median_seconds(first_conv, runs)
+        t_me = median_seconds(lambda: sm(cached), runs)
+        t_torch = median_seconds(lambda: torch_conv(feats, weight, maps, feats.shape[0]), runs)
+        t_im2col = median_seconds(lambda: im2col_conv(feats, weight, table), runs)
+        t_lut = median_seconds(lambda: grid_kernel_map(coords, stride, offs), runs)
+        t_dense = median_seconds(lambda: dm(dx), runs)
         t_factorised = (
-            median_time(lambda: factorised_cross(dx, dm.weight), runs)
+            median_seconds(lambda: factorised_cross(dx, dm.weight), runs)
             if kg.region_type == ME.RegionType.HYPER_CROSS
             else None
         )
@@ -225,11 +213,10 @@ def factorised_cross(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def region_offsets(region_type: Any) -> torch.Tensor:
     """The offsets of a size-3 cube or cross in voxel units."""
-    r = torch.arange(-1, 2)
-    cube = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3).flip(1)
     if region_type == ME.RegionType.HYPER_CROSS:
-        cube = cube[(cube != 0).sum(1) <= 1]
-    return cube
+        return torch.tensor(CROSS_OFFSETS)
+    r = torch.arange(-1, 2)
+    return torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3).flip(1)
 
 
 def main() -> None:

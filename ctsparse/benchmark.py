@@ -59,6 +59,11 @@ def _time(fn: Callable[[], Any], runs: int, warmup: int, dev: torch.device) -> l
     return out
 
 
+def median_seconds(fn: Callable[[], Any], runs: int, warmup: int = 1, dev: str = "cpu") -> float:
+    """Median wall time of `runs` calls of fn after `warmup` calls (the benchmark scripts' timer)."""
+    return statistics.median(_time(fn, runs, warmup, torch.device(dev)))
+
+
 def _runner(
     model: torch.nn.Module, backend: str, sv: SparseVolume, dev: torch.device, multiple: int
 ) -> tuple[Callable[[], Any], Callable[[], Any]]:

@@ -63,9 +63,8 @@ def configure_threads(n: int | None) -> None:
     torch's own count for torch and ME's OpenMP, and the BLAS pool at `blas_threads()` all the same."""
     if n:
         set_threads(n)
-        return
-    os.environ["OPENBLAS_NUM_THREADS"] = str(blas_threads())
-    limit_blas_threads(blas_threads())
+    else:
+        _size_blas()
 
 
 def set_threads(n: int) -> None:
@@ -86,11 +85,17 @@ def set_threads(n: int) -> None:
     import sys
 
     os.environ["OMP_NUM_THREADS"] = str(n)
-    os.environ["OPENBLAS_NUM_THREADS"] = str(blas_threads())
     torch.set_num_threads(n)
     me = sys.modules.get("MinkowskiEngine")
     if me is not None:  # ME imports its modules as top-level names: find it by its class
         sys.modules[me.CoordinateManager.__module__].CPU_COUNT = n  # type: ignore[attr-defined]
+    _size_blas()
+
+
+def _size_blas() -> None:
+    """BLAS pool at blas_threads(): the variable for a BLAS loaded later (and children), threadpoolctl
+    for the ones loaded now."""
+    os.environ["OPENBLAS_NUM_THREADS"] = str(blas_threads())
     limit_blas_threads(blas_threads())
 
 

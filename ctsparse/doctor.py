@@ -95,7 +95,7 @@ def _me_checks() -> list[Check]:
 
 def _blas_pools() -> Check:
     """Thread pools of the BLAS libraries loaded now (ME's convolutions call one per kernel offset;
-    `--threads N` sizes them with torch's, see device.set_threads)."""
+    train/predict/benchmark resize them to device.blas_threads())."""
     try:
         from threadpoolctl import threadpool_info
 
