@@ -9,7 +9,17 @@ from typing import Annotated, Any
 import typer
 
 from .console import console, handles_errors
-from .render import add_error_row, fmt_float, fmt_pct, make_table, write_csv, write_json
+from .render import (
+    add_error_row,
+    fmt_float,
+    fmt_pct,
+    make_table,
+    non_ct_hint,
+    series_cell,
+    skipped_lines,
+    write_csv,
+    write_json,
+)
 
 
 @handles_errors
@@ -30,9 +40,17 @@ def predict(
     workers: Annotated[
         int, typer.Option(min=0, help="Processes that read and sparsify scans ahead of the model.")
     ] = 0,
+    allow_non_ct: Annotated[
+        bool, typer.Option("--allow-non-ct", help="Read DICOM series of other modalities (MR, PT, ...).")
+    ] = False,
 ) -> None:
-    """Predict labels for CT scans with a trained checkpoint."""
+    """Predict labels for CT scans with a trained checkpoint.
+
+    A DICOM folder holding several CT series gives one row per series; the series left out
+    (other modalities, scouts, screenshots) are listed with the reason.
+    """
     from ctsparse.device import configure_threads
+    from ctsparse.inputs import expand_inputs
     from ctsparse.predict import predict as run_predict
     from ctsparse.predict import summarize
 
@@ -42,6 +60,7 @@ def predict(
     t0 = time.perf_counter()
     done: list[str] = []
     with console.status("predicting...") as status:
+        expansion = expand_inputs(inputs, series_uid=series, allow_non_ct=allow_non_ct)
 
         def on_row(row: dict[str, Any]) -> None:
             done.append(row["path"])
@@ -49,26 +68,30 @@ def predict(
 
         rows = run_predict(
             checkpoint,
-            inputs,
+            expansion.items,
             device=device,
             batch_size=batch_size,
             series_uid=series,
             on_row=on_row,
             workers=workers,
+            allow_non_ct=allow_non_ct,
         )
     summary = summarize(rows, time.perf_counter() - t0)
     probs = sorted({k for r in rows for k in r if k.startswith("p_")})
+    named = any(r.get("series_uid") for r in rows)  # DICOM rows name the series they read
+    cols = ["scan", *["series"] * named, "label", *probs, "sites", "occupancy", "read s", "prep s"]
     table = make_table(
         "predictions",
-        ["scan", "label", *probs, "sites", "occupancy", "read s", "prep s", "model s", "peak RSS MB"],
+        [*cols, "model s", "peak RSS MB"],
         right=[*probs, "sites", "occupancy", "read s", "prep s", "model s", "peak RSS MB"],
     )
     for r in rows:
         if r.get("error"):
-            add_error_row(table, Path(r["path"]).name, r["error"])
+            add_error_row(table, Path(r["path"]).name, non_ct_hint(r["error"]))
             continue
         table.add_row(
             Path(r["path"]).name,
+            *([series_cell(r)] if named else []),
             r["label"],
             *[fmt_float(r.get(p), ".3f") for p in probs],
             str(r["sites"]),
@@ -79,13 +102,17 @@ def predict(
             f"{r['peak_rss_mb']:.0f}",
         )
     console.print(table)
+    for line in skipped_lines(expansion.skipped):
+        console.print(line, highlight=False)
     console.print(
         f"{summary['n_ok']} predicted, {summary['n_failed']} failed in {summary['wall_s']:.1f} s "
         f"({summary['scans_per_s']:.2f} scans/s); labels {summary['label_counts']}"
     )
     if out is not None:
         if out.suffix.lower() == ".json":
-            write_json(out, {"checkpoint": str(checkpoint), "summary": summary, "rows": rows})
+            skipped = [s.as_dict() for s in expansion.skipped]
+            report = {"checkpoint": str(checkpoint), "summary": summary, "rows": rows, "skipped": skipped}
+            write_json(out, report)
         else:
             write_csv(out, rows)
         console.print(f"wrote {out}")

@@ -15,7 +15,6 @@ from typing import Annotated, Any
 import typer
 
 from ctsparse.config import PreprocessConfig, load_config
-from ctsparse.errors import CtsparseError
 
 from .console import console, error_line, handles_errors, is_tty
 from .render import (
@@ -26,32 +25,12 @@ from .render import (
     fmt_pct,
     fmt_seconds,
     make_table,
+    non_ct_hint,
+    series_cell,
+    skipped_lines,
     write_csv,
     write_json,
 )
-
-
-def _expand(paths: list[Path]) -> list[tuple[Path, str | None]]:
-    """Files and DICOM folders stay as they are; dataset folders expand to their scans.
-    Returns (path, error) pairs so a bad input becomes an error row instead of stopping the run."""
-    out: list[tuple[Path, str | None]] = []
-    for p in paths:
-        if not p.exists():
-            out.append((p, "no such file or folder"))
-        elif p.is_dir():
-            from ctsparse.io.discover import find_scans
-
-            try:
-                found = find_scans(p)
-            except CtsparseError as exc:
-                out.append((p, getattr(exc, "reason", str(exc))))
-                continue
-            if not found:
-                out.append((p, "no NIfTI files or DICOM series found in this folder"))
-            out.extend((f, None) for f in found)
-        else:
-            out.append((p, None))
-    return out
 
 
 def _slug(path: Path, index: int) -> str:
@@ -109,34 +88,33 @@ def _write_plots(row: dict[str, Any], cfg: PreprocessConfig, folder: Path, slug:
     return [hist_png, slices_png]
 
 
-def _render(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-    cols = ["scan", "dims", "spacing mm", "HU p1..p99", "sites", "occupancy", "in crop", "dense", "sparse"]
-    cols += ["act dense", "act sparse", "time", "peak RSS"]
-    right = cols[4:]
-    table = make_table("Sparsity per scan", cols, right=right)
+def _render(rows: list[dict[str, Any]], summary: dict[str, Any], skipped: list[Any]) -> None:
+    named = any(r.get("series_uid") for r in rows)  # DICOM rows name the series they read
+    cols = ["scan", *["series"] * named, "dims", "spacing mm", "HU p1..p99", "sites", "occupancy"]
+    cols += ["in crop", "time", "peak RSS"]
+    table = make_table("Sparsity per scan", cols, right=cols[4 + named :])
     for r in rows:
         if "error" in r:
-            add_error_row(table, r["path"], r["error"])
+            add_error_row(table, r["path"], non_ct_hint(r["error"]))
             continue
-        c = r["act_channels"]
         table.add_row(
             r["path"],
+            *([series_cell(r)] if named else []),
             "×".join(map(str, r["dims"])),
             "×".join(f"{s:.3g}" for s in r["spacing"]),
             f"{fmt_float(r['hu']['p1'], '.0f')}..{fmt_float(r['hu']['p99'], '.0f')}",
             f"{r['sites']:,}",
             fmt_pct(r["occupancy"]),
             fmt_pct(r["occupancy_cropped"]),
-            fmt_bytes(r["dense_bytes"]),
-            fmt_bytes(r["sparse_bytes"]),
-            f"{fmt_bytes(r['act_dense_bytes'])} @{c}ch",
-            f"{fmt_bytes(r['act_sparse_bytes'])} ({fmt_float(r['act_ratio'], '.1f')}× less)",
             fmt_seconds(sum(r["times"].values())),
             fmt_bytes(r["peak_rss_bytes"]),
         )
     console.print(table)
+    for skip in skipped_lines(skipped):
+        console.print(skip, highlight=False)
     ok = [r for r in rows if "error" not in r]
     if ok:
+        _render_memory(ok)
         thresholds = list(ok[0]["sweep"])
         sweep = make_table(
             "Occupancy by threshold (HU ≥ t, before body mask)", ["scan", *thresholds], thresholds
@@ -153,16 +131,55 @@ def _render(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     line += f"[bold red]{summary['n_failed']} failed[/]" if summary["n_failed"] else "0 failed"
     if summary["n_ok"]:
         line += f"; occupancy median {fmt_pct(occ['median'])} (min {fmt_pct(occ['min'])}, "
-        line += f"max {fmt_pct(occ['max'])}); {tot['sites']:,} sites, sparse "
-        line += f"{fmt_bytes(tot['sparse_bytes'])} vs dense {fmt_bytes(tot['dense_bytes'])}"
+        line += f"max {fmt_pct(occ['max'])}); {tot['sites']:,} sites; network input sparse "
+        line += f"{fmt_bytes(tot['input_sparse_bytes'])} vs dense {fmt_bytes(tot['input_dense_bytes'])}, "
+        line += f"first layer sparse {fmt_bytes(tot['first_layer_sparse_bytes'])} "
+        line += f"vs dense {fmt_bytes(tot['first_layer_dense_bytes'])}"
     console.print(line, highlight=False)
+
+
+def _render_memory(ok: list[dict[str, Any]]) -> None:
+    """Sparse against dense, term by term: what the coordinates cost and where sparsity saves."""
+    cols = ["scan", "sites", "grid cells", "occupied", "coords", "features", "= sparse in", "dense in"]
+    cols += ["1st layer sparse", "1st layer dense"]
+    table = make_table("Memory: network input and first-layer activations", cols, right=cols[1:])
+    for r in ok:
+        m, inp, act = r["memory"], r["memory"]["input"], r["memory"]["first_layer"]
+        table.add_row(
+            r["path"],
+            f"{m['sites']:,}",
+            f"{m['grid_cells']:,}",
+            fmt_pct(m["site_occupancy"]),
+            fmt_bytes(inp["coords_bytes"]),
+            fmt_bytes(inp["feats_bytes"]),
+            fmt_bytes(inp["sparse_bytes"]),
+            fmt_bytes(inp["dense_bytes"]),
+            fmt_bytes(act["sparse_bytes"]),
+            fmt_bytes(act["dense_bytes"]),
+        )
+    console.print(table)
+    m = ok[0]["memory"]
+    c, w = m["channels"], m["width"]
+    console.print(
+        f"coords: 16 B per site (int32 batch, x, y, z, as MinkowskiEngine holds them; 12 B stored). "
+        f"features: 4 B × {c} channel(s) per site; dense in: 4 B × {c} per cell of the cropped grid. "
+        f"With {c} channel(s) the sparse input is the smaller only below "
+        f"{fmt_pct(m['input']['break_even_occupancy'], 0)} occupied cells; the first layer "
+        f"(width {w}: 4 B × {w} per site vs per cell) shares the coordinates, so from there on "
+        "sparse costs occupied/all cells of dense.",
+        highlight=False,
+        style="dim",
+    )
 
 
 @handles_errors
 def profile(
     paths: Annotated[
         list[Path],
-        typer.Argument(help="Scans: NIfTI files, DICOM files or series folders, or dataset folders."),
+        typer.Argument(
+            help="Scans: NIfTI files, DICOM files or folders (one row per CT series), dataset "
+            "folders or globs."
+        ),
     ],
     *,
     config: Annotated[
@@ -189,37 +206,43 @@ def profile(
     ] = False,
 ) -> None:
     """Report how many voxels each scan keeps, and the memory a sparse network saves on it."""
+    from ctsparse.inputs import expand_inputs
     from ctsparse.profile_report import profile_scan, summarize
 
     overrides = list(set_ or [])
     if threshold is not None:
         overrides.append(f"preprocess.threshold={threshold!r}")
-    cfg = load_config(config, overrides).preprocess
-    inputs = _expand(paths)
+    full = load_config(config, overrides)
+    cfg = full.preprocess
+    expansion = expand_inputs(paths, series_uid=series, allow_non_ct=allow_non_ct)
+    items = expansion.items
     rows: list[dict[str, Any]] = []
-    for i, (path, problem) in enumerate(inputs):
-        if problem is not None:
-            rows.append({"path": str(path), "error": problem})
-            continue
-        status = console.status(f"profiling {path} ({i + 1}/{len(inputs)})") if is_tty() else nullcontext()
+    for i, item in enumerate(items):
+        status = (
+            console.status(f"profiling {item.path} ({i + 1}/{len(items)})") if is_tty() else nullcontext()
+        )
         with status:
             row = profile_scan(
-                path, cfg, series_uid=series, allow_non_ct=allow_non_ct, plot_data=plots is not None
+                item, cfg, width=full.model.widths[0], allow_non_ct=allow_non_ct, plot_data=plots is not None
             )
         if plots is not None and "_plot" in row:
-            row["plots"] = [str(p) for p in _write_plots(row, cfg, plots, _slug(path, i))]
+            row["plots"] = [str(p) for p in _write_plots(row, cfg, plots, _slug(item.path, i))]
         row.pop("_plot", None)
         rows.append(row)
     summary = summarize(rows)
-    _render(rows, summary)
+    _render(rows, summary, expansion.skipped)
     if json_out is not None:
-        write_json(json_out, {"preprocess": dataclasses.asdict(cfg), "scans": rows, "summary": summary})
+        skipped = [s.as_dict() for s in expansion.skipped]
+        write_json(
+            json_out,
+            {"preprocess": dataclasses.asdict(cfg), "scans": rows, "summary": summary, "skipped": skipped},
+        )
         console.print(f"wrote {json_out}", highlight=False)
     if csv_out is not None:
         write_csv(csv_out, rows)
         console.print(f"wrote {csv_out}", highlight=False)
     for r in rows:
         if "error" in r:
-            error_line(f"{r['path']}: {r['error']}".replace("[", r"\["))
+            error_line(non_ct_hint(f"{r['path']}: {r['error']}").replace("[", r"\["))
     if summary["n_failed"]:
         raise typer.Exit(1)

@@ -20,6 +20,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
+from ctsparse.errors import NOT_CT
 from ctsparse.fileio import atomic_write_text
 from ctsparse.profiling import format_bytes, format_seconds
 
@@ -34,6 +35,9 @@ __all__ = [
     "fmt_seconds",
     "jsonable",
     "make_table",
+    "non_ct_hint",
+    "series_cell",
+    "skipped_lines",
     "write_csv",
     "write_json",
     "write_text_atomic",
@@ -145,3 +149,21 @@ def add_error_row(table: Table, label: str, reason: str) -> None:
     """A failed item: its label, then the one-line reason spanning the remaining columns' first cell."""
     n = len(table.columns)
     table.add_row(Text(label, style=ERROR_STYLE), error_cell(reason), *([""] * (n - 2)))
+
+
+def non_ct_hint(message: str) -> str:
+    """The library says a series is not CT; a command that has --allow-non-ct says how to read it."""
+    return f"{message} (pass --allow-non-ct to read it)" if NOT_CT in message else message
+
+
+def series_cell(row: dict[str, Any]) -> str:
+    """'Chest 1.0 B70f, 312 slices' over its SeriesInstanceUID; '' for a row without a series."""
+    if not row.get("series_uid"):
+        return ""
+    desc = row.get("series_description") or "(no description)"
+    return f"{desc}, {row.get('n_slices', '?')} slices\n{row['series_uid']}"
+
+
+def skipped_lines(skipped: Sequence[Any]) -> list[Text]:
+    """One dim line per series or file group an input expansion left out (``ctsparse.inputs``)."""
+    return [Text.assemble(("skipped ", "dim"), non_ct_hint(s.line())) for s in skipped]

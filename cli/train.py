@@ -187,9 +187,11 @@ def train(
         argv += [x for item in set_ or [] for x in ("--set", item)]
         raise typer.Exit(_launch(nproc, argv))
     from ctsparse.training.loop import train as run_training
+    from ctsparse.training.resume import explicit_keys
 
+    keys = explicit_keys(config, overrides) if resume else []  # may change on --resume, if allowed
     if not main_rank:
-        result = run_training(data, out, cfg, device=device, resume=resume, resume_epochs=epochs)
+        result = run_training(data, out, cfg, device=device, resume=resume, resume_keys=keys)
         _end_rank(130 if result.interrupted else 0)
     with _progress() as progress:
         result = run_training(
@@ -198,7 +200,7 @@ def train(
             cfg,
             device=device,
             resume=resume,
-            resume_epochs=epochs,
+            resume_keys=keys,
             on_event=TrainDisplay(progress),
         )
     m = result.metrics

@@ -18,6 +18,19 @@ class ScanError(CtsparseError):
         super().__init__(f"{self.path}: {reason}")
 
 
+# The words every "wrong modality" message carries: the library does not know which option the
+# calling command offers to accept it anyway, so the CLI adds that hint where it has one.
+NOT_CT = "is not CT"
+
+
+class NotCTError(ScanError):
+    """A DICOM series whose Modality is not CT (the reader's allow_non_ct accepts it)."""
+
+    def __init__(self, path: str | Path, modality: str) -> None:
+        self.modality = modality
+        super().__init__(path, f"modality {modality} {NOT_CT}")
+
+
 class ConfigError(CtsparseError):
     """A bad config file, key or value."""
 

@@ -6,7 +6,6 @@ becomes an error row and the others are still predicted.
 
 from __future__ import annotations
 
-import glob
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from ctsparse.collate import collate
 from ctsparse.device import resolve_device
 from ctsparse.errors import CtsparseError, ScanError
+from ctsparse.inputs import InputItem, expand_inputs
 from ctsparse.sparse import SparseVolume
 from ctsparse.training.checkpoint import build_from_checkpoint
 from ctsparse.training.epoch import stride_multiple
@@ -25,41 +25,26 @@ from ctsparse.training.epoch import stride_multiple
 Row = dict[str, Any]
 
 
-def expand_inputs(inputs: Iterable[str | Path]) -> list[tuple[Path, str | None]]:
-    """Files, DICOM folders, dataset folders and globs -> (scan path, error or None)."""
-    from ctsparse.io.discover import find_scans
-
-    out: list[tuple[Path, str | None]] = []
-    for item in inputs:
-        text = str(item)
-        paths = [Path(p) for p in sorted(glob.glob(text))] if any(c in text for c in "*?[") else [Path(text)]
-        if not paths:
-            out.append((Path(text), "no file matches this pattern"))
-        for p in paths:
-            if not p.exists():
-                out.append((p, "no such file or directory"))
-            elif p.is_dir():
-                scans = find_scans(p)
-                out += [(s, None) for s in scans] if scans else [(p, "folder holds no NIfTI or DICOM scan")]
-            else:
-                out.append((p, None))
-    return out
-
-
 def predict(
     checkpoint: str | Path,
-    inputs: Iterable[str | Path],
+    inputs: Iterable[str | Path | InputItem],
     *,
     device: str = "auto",
     batch_size: int = 1,
     series_uid: str | None = None,
     on_row: Callable[[Row], None] | None = None,
     workers: int = 0,
+    allow_non_ct: bool = False,
 ) -> list[Row]:
     """One row per input, in input order; a bad input becomes an error row.
 
+    A DICOM folder holding several CT series gives one row per series (``ctsparse.inputs``);
+    each row names its series (series_uid, series_description, n_slices).
+
     Args:
+        series_uid: read only this SeriesInstanceUID of multi-series folders.
         workers: processes that read and sparsify scans ahead of the model (0: this process).
+        allow_non_ct: read DICOM series of other modalities instead of refusing them.
     """
     from ctsparse.profiling import peak_memory
     from ctsparse.training.prepare import iter_prepared
@@ -101,11 +86,13 @@ def predict(
                 on_row(row)
         pending.clear()
 
-    items = expand_inputs(inputs)
-    prepared = iter_prepared([p for p, e in items if e is None], cfg.preprocess, series_uid, workers)
+    items = expand_inputs(inputs, series_uid=series_uid, allow_non_ct=allow_non_ct).items
+    todo = [it for it in items if it.error is None]
+    prepared = iter_prepared(todo, cfg.preprocess, workers, allow_non_ct)
     position: dict[int, int] = {}
-    for index, (path, err) in enumerate(items):
-        row: Row = {"path": str(path), "error": err}
+    for index, item in enumerate(items):
+        path, err = item.path, item.error
+        row: Row = {"path": str(path), **item.describe(), "error": err}
         position[id(row)] = index
         if err is None:
             try:

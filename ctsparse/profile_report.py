@@ -15,6 +15,7 @@ import numpy.typing as npt
 
 from ctsparse.config import PreprocessConfig
 from ctsparse.errors import CtsparseError
+from ctsparse.inputs import InputItem
 from ctsparse.profiling import Timer, peak_memory
 from ctsparse.sparse import SparseVolume
 from ctsparse.sparsify import sparsify
@@ -25,6 +26,14 @@ PERCENTILES: tuple[int, ...] = (1, 5, 25, 50, 75, 95, 99)
 # count ">= t" exact for integer t inside the range.
 _LO, _HI = -32768, 32767
 _CHUNK = 1 << 22
+# Memory model of one scan in the network. Values (features, activations) are float32. A site's
+# coordinates are int32 x, y, z in the SparseVolume (and its cache file); collate prepends the
+# batch index for MinkowskiEngine, so the engine holds 4 int32 per site, once per stride level,
+# shared by every layer at that stride. ME's coordinate hash table and kernel maps come on top
+# and are not counted here.
+VALUE_BYTES = 4
+STORED_COORD_BYTES = 3 * 4
+ENGINE_COORD_BYTES = 4 * 4
 
 
 def hu_histogram(array: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.int64], int]:
@@ -110,28 +119,72 @@ def kept_slices(
     return out
 
 
+def memory_breakdown(sites: int, channels: int, grid_shape: Sequence[int], width: int) -> dict[str, Any]:
+    """Where sparsity saves memory: the network's input and its first layer, sparse against dense.
+
+    The sparse input pays ENGINE_COORD_BYTES of coordinates per site on top of its features, so
+    with few channels it is smaller than the dense grid only when few cells are occupied
+    (``break_even_occupancy``). Activations have no such overhead (the coordinates are shared):
+    from the first layer on, sparse costs sites x width and dense cells x width.
+
+    Args:
+        grid_shape: the cropped grid of sites, which the dense twin fills (zeros where no site).
+        width: output channels of the network's first layer (model.widths[0]).
+    """
+    cells = int(np.prod(grid_shape))
+    coords = sites * ENGINE_COORD_BYTES
+    feats = sites * channels * VALUE_BYTES
+    dense_in = cells * channels * VALUE_BYTES
+    act_sparse, act_dense = sites * width * VALUE_BYTES, cells * width * VALUE_BYTES
+    return {
+        "sites": sites,
+        "grid_cells": cells,
+        "site_occupancy": sites / cells if cells else float("nan"),
+        "channels": channels,
+        "width": width,
+        "stored_bytes": sites * (STORED_COORD_BYTES + channels * VALUE_BYTES),
+        "input": {
+            "coords_bytes": coords,
+            "feats_bytes": feats,
+            "sparse_bytes": coords + feats,
+            "dense_bytes": dense_in,
+            "break_even_occupancy": channels * VALUE_BYTES / (channels * VALUE_BYTES + ENGINE_COORD_BYTES),
+        },
+        "first_layer": {"sparse_bytes": act_sparse, "dense_bytes": act_dense},
+    }
+
+
 def profile_scan(
-    path: str | Path,
+    scan: str | Path | InputItem,
     cfg: PreprocessConfig,
     *,
     thresholds: Sequence[float] = DEFAULT_SWEEP,
-    act_channels: int = 16,
+    width: int = 16,
     series_uid: str | None = None,
     allow_non_ct: bool = False,
     plot_data: bool = False,
 ) -> dict[str, Any]:
     """Sparsity, memory and time figures for one scan; an error row if it cannot be used.
 
+    Args:
+        scan: a path, or an item of ``ctsparse.inputs.expand_inputs`` (one series of a folder,
+            named in the row).
+        width: the first layer's channels, for the activation figures (model.widths[0]).
+
     With plot_data=True the row also carries "_plot" (histogram and mid-slices as numpy arrays),
     which is not JSON: the caller pops it before writing.
     """
     from ctsparse.io import read_volume
 
+    item = scan if isinstance(scan, InputItem) else InputItem(Path(scan), series_uid)
+    path, named = item.path, item.describe()
+    if item.error is not None:
+        return {"path": str(path), **named, "error": item.error}
     timer = Timer()
     try:
         with peak_memory() as mem:
             with timer.stage("read"):
-                vol = read_volume(path, series_uid=series_uid, allow_non_ct=allow_non_ct)
+                vol = read_volume(path, allow_non_ct=allow_non_ct, **item.read_kwargs())
             with timer.stage("stats"):
                 counts, n_nan = hu_histogram(vol.array)
                 finite = int(counts.sum())
@@ -142,15 +195,14 @@ def profile_scan(
                 hu.update(percentiles_from_hist(counts, PERCENTILES))
             sv = sparsify(vol, cfg)
     except CtsparseError as exc:
-        return {"path": str(path), "error": getattr(exc, "reason", str(exc))}
+        return {"path": str(path), **named, "error": getattr(exc, "reason", str(exc))}
     except Exception as exc:  # a reader bug or odd file must not stop the other scans' report
-        return {"path": str(path), "error": f"{type(exc).__name__}: {exc}"}
+        return {"path": str(path), **named, "error": f"{type(exc).__name__}: {exc}"}
     st = sv.stats
     n_vox = int(np.prod(vol.shape))
-    sites_grid = int(np.prod(sv.grid_shape))
-    coord_bytes = sv.n_sites * 3 * 4
     row: dict[str, Any] = {
         "path": str(path),
+        **named,
         "dims": list(vol.shape),
         "spacing": [round(s, 4) for s in vol.spacing],
         "hu": hu,
@@ -168,12 +220,8 @@ def profile_scan(
         "occupancy": st["occupancy_input"],
         "occupancy_cropped": st["occupancy_cropped"],
         "site_occupancy": sv.occupancy,
-        "dense_bytes": n_vox * 4,
-        "sparse_bytes": sv.nbytes(),
-        "act_channels": act_channels,
-        "act_dense_bytes": sites_grid * act_channels * 4,
-        "act_sparse_bytes": sv.n_sites * act_channels * 4 + coord_bytes,
-        "act_ratio": sites_grid * act_channels * 4 / (sv.n_sites * act_channels * 4 + coord_bytes),
+        "volume_bytes": n_vox * VALUE_BYTES,  # the scan as read: float32 HU on its own grid
+        "memory": memory_breakdown(sv.n_sites, sv.n_channels, sv.grid_shape, width),
         "sweep": {k: v / n_vox for k, v in sweep.items()},
         "times": {k: round(v, 6) for k, v in {**timer.times, **st["times"]}.items()},
         "peak_rss_bytes": mem.peak_bytes,
@@ -202,8 +250,12 @@ def _stats(values: list[float]) -> dict[str, float | None]:
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Medians and ranges of occupancy, totals of sites/bytes/time, counts of ok and failed scans."""
     ok = [r for r in rows if "error" not in r]
-    keys = ("sites", "kept_voxels", "dense_bytes", "sparse_bytes", "act_dense_bytes", "act_sparse_bytes")
-    total = {key: int(sum(r[key] for r in ok)) for key in keys}
+    total = {key: int(sum(r[key] for r in ok)) for key in ("sites", "kept_voxels", "volume_bytes")}
+    for part in ("input", "first_layer"):
+        for key in ("sparse_bytes", "dense_bytes") + (
+            ("coords_bytes", "feats_bytes") if part == "input" else ()
+        ):
+            total[f"{part}_{key}"] = int(sum(r["memory"][part][key] for r in ok))
     return {
         "n_scans": len(rows),
         "n_ok": len(ok),

@@ -5,17 +5,29 @@ lung-nodule CAD pipelines (e.g. the LUNA16 preprocessing) do it:
 
 1. air inside the body: HU < `LUNG_AIR_HU` within the filled body outline (room air, the table
    and the gap under the patient are outside it);
-2. the lung components: 26-connected components of that air holding at least `MIN_LUNG_ML` and at
-   least a tenth of the largest one (drops bowel gas and small air pockets, keeps two separate
-   lungs or one joined lung field);
+2. the lung components: 26-connected components of that air that look like lungs. A head CT has
+   air inside its outline too (sinuses, mastoid cells, the nasal airway and pharynx, air caught
+   between the head and its holder), so a component must be
+   - large for the body it sits in: at least (`LUNG_WIDTH_FRACTION` x the body's width)^3, the
+     width being the square root of the body's median cross-section over the component's slices
+     (an adult lung is litres, the 23 cm-wide adult chest gives ~550 mL; a 13 cm-wide head ~95
+     mL, more than its largest sinus or airway), and never below `MIN_LUNG_ML`;
+   - away from the body's outline: at most `NEAR_OUTLINE_MAX` of its surface within
+     `OUTLINE_MM` of the air outside the body (a chest wall is thicker; air caught between a
+     head and its holder, or the nasal airway behind the nostrils, touches the outside);
+   - at least a tenth of the largest such component (two separate lungs or one joined field);
+   and together they must fill at least `MIN_LUNG_FRACTION` of the body in the axial slices they
+   span (lungs fill 20-40 % of the chest; a head's air a few percent of the head);
 3. a morphological closing with a ball of `closing_mm` radius, then in-plane hole filling: a
    nodule or a vessel is soft tissue surrounded by lung, so it is a hole in the air mask, and a
    juxta-pleural nodule is a dent in its outline that the closing fills;
 4. a dilation of one voxel, so that the partial-volume rim of a structure at the lung's edge
    stays inside.
 
-The region is computed on the grid the classifier sees (after resampling), so its cost follows
-that grid, not the scan's native one.
+A scan without such lungs (a head, a limb, an abdomen below the lung bases) raises NoRegionError
+with one line saying what the largest air region was and why it is not a lung. The region is
+computed on the grid the classifier sees (after resampling), so its cost follows that grid, not
+the scan's native one.
 """
 
 from __future__ import annotations
@@ -27,9 +39,14 @@ import numpy.typing as npt
 
 BoolArray = npt.NDArray[np.bool_]
 FloatArray = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int64]
 
 LUNG_AIR_HU = -400.0  # aerated lung is -950..-600; emphysema and air lower, soft tissue higher
 MIN_LUNG_ML = 50.0  # smaller than any lung, larger than most bowel gas pockets
+LUNG_WIDTH_FRACTION = 0.35  # a lung is at least this fraction of the body's width, cubed
+OUTLINE_MM = 5.0  # thinner than any chest wall (skin, fat, ribs and intercostal muscles)
+NEAR_OUTLINE_MAX = 0.1  # share of a lung's surface that may lie within OUTLINE_MM of the outside
+MIN_LUNG_FRACTION = 0.08  # of the body volume in the slices the lungs span
 
 
 class NoRegionError(ValueError):
@@ -43,40 +60,95 @@ def _ball(radius_mm: float, spacing: Sequence[float]) -> BoolArray:
     return np.asarray(dist <= 1.0)
 
 
+def _lung_labels(
+    lab: IntArray, n: int, body: BoolArray, body_area_cm2: npt.NDArray[np.float64], z0: int, sp: list[float]
+) -> list[int]:
+    """Labels of `lab` (components of the air inside `body`, both cut to the same box starting at
+    slice `z0` of the scan) that are lungs by the rules of the module docstring.
+
+    Raises:
+        NoRegionError: none is, with the reason for the largest air region.
+    """
+    from scipy import ndimage
+
+    voxel_ml = float(np.prod(sp)) / 1000.0
+    counts = np.bincount(lab.ravel(), minlength=n + 1)
+    counts[0] = 0
+    largest = int(np.argmax(counts))
+    # distance to the nearest voxel outside the body; the array's edges are not outside (a chest
+    # CT cuts the body at the top and bottom of its field of view)
+    air = lab > 0
+    surface = air & ~ndimage.binary_erosion(air)  # each component's boundary voxels
+    surf = np.bincount(lab[surface], minlength=n + 1)
+    near = np.zeros(n + 1, dtype=np.int64)
+    if not body.all():
+        depth = ndimage.distance_transform_edt(body, sampling=sp)
+        near = np.bincount(lab[surface & (depth <= OUTLINE_MM)], minlength=n + 1)
+    objects = ndimage.find_objects(lab)
+    ok: dict[int, float] = {}
+    why: dict[int, str] = {}
+    for i in (int(k) for k in np.flatnonzero(counts * voxel_ml >= MIN_LUNG_ML)):
+        ml = float(counts[i]) * voxel_ml
+        zs = objects[i - 1][2]
+        width_cm = float(np.sqrt(np.median(body_area_cm2[z0 + zs.start : z0 + zs.stop])))
+        need = max(MIN_LUNG_ML, (LUNG_WIDTH_FRACTION * width_cm) ** 3)
+        if near[i] > NEAR_OUTLINE_MAX * surf[i]:
+            why[i] = f"lies along the body's outline ({100 * near[i] / surf[i]:.0f}% of its surface within "
+            why[i] += f"{OUTLINE_MM:g} mm of the outside): air caught inside the outline, not a lung"
+        elif ml < need:
+            why[i] = f"is too small for a lung of a body {width_cm:.0f} cm across (at least {need:.0f} mL)"
+        else:
+            ok[i] = ml
+    if not ok:
+        reason = why.get(largest, f"is smaller than any lung (at least {MIN_LUNG_ML:.0f} mL)")
+        ml = float(counts[largest]) * voxel_ml
+        raise NoRegionError(f"no lungs found: the largest air region inside the body ({ml:.3g} mL) {reason}")
+    biggest = max(ok.values())
+    keep = [i for i, ml in ok.items() if ml >= biggest / 10.0]
+    span = np.zeros(len(body_area_cm2), dtype=bool)
+    for i in keep:
+        zs = objects[i - 1][2]
+        span[z0 + zs.start : z0 + zs.stop] = True
+    body_ml = float(body_area_cm2[span].sum()) * sp[2] / 10.0
+    fraction = sum(ok[i] for i in keep) / body_ml
+    if fraction < MIN_LUNG_FRACTION:
+        raise NoRegionError(
+            f"no lungs found: the air regions large enough to be lungs fill {100 * fraction:.1f}% of the "
+            f"body in their slices (lungs fill at least {100 * MIN_LUNG_FRACTION:.0f}%)"
+        )
+    return keep
+
+
 def lung_region(
     hu: FloatArray, body: BoolArray, spacing: Sequence[float], closing_mm: float = 10.0
 ) -> BoolArray:
     """Mask of the lung fields (with their contents) inside `body`, same shape as `hu`.
 
     Raises:
-        NoRegionError: no air component inside the body is large enough to be a lung.
+        NoRegionError: no air component inside the body looks like a lung (module docstring).
     """
     from scipy import ndimage
 
     from ctsparse.sparsify import bounding_box, fill_holes_in_plane
 
+    sp = [float(s) for s in spacing]
     air = (hu < LUNG_AIR_HU) & body
     box = bounding_box(air)
-    voxel_ml = float(np.prod(spacing)) / 1000.0
     if box is None:
         raise NoRegionError("no air inside the body: no lungs in this scan")
-    ball = _ball(closing_mm, spacing)
-    pad = [(b // 2) + 2 for b in ball.shape]
-    # the box around the air, padded so that the closing does not erode at the array border
+    ball = _ball(closing_mm, sp)
+    band = [int(np.ceil(OUTLINE_MM / s)) for s in sp]
+    # the box around the air, padded so that the closing does not erode at the array border and
+    # the outside within OUTLINE_MM of the air is in it
+    pad = [max(b // 2, w) + 2 for b, w in zip(ball.shape, band, strict=True)]
     lo = [max(a - p, 0) for (a, _), p in zip(box, pad, strict=True)]
     hi = [min(b + p, n) for (_, b), p, n in zip(box, pad, hu.shape, strict=True)]
     sl = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
     lab, n = ndimage.label(air[sl], structure=np.ones((3, 3, 3), dtype=bool))
-    counts = np.bincount(lab.ravel(), minlength=n + 1)
-    counts[0] = 0
-    largest = int(counts.max()) if n else 0
-    if largest * voxel_ml < MIN_LUNG_ML:
-        raise NoRegionError(
-            f"no lungs found: the largest air region inside the body is {largest * voxel_ml:.0f} mL "
-            f"(a lung field is at least {MIN_LUNG_ML:.0f} mL)"
-        )
-    keep_label = (counts >= max(largest / 10.0, MIN_LUNG_ML / voxel_ml)) & (counts > 0)
-    lungs = keep_label[lab]
+    body_area_cm2 = body.sum(axis=(0, 1), dtype=np.float64) * sp[0] * sp[1] / 100.0
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[_lung_labels(lab, n, body[sl], body_area_cm2, lo[2], sp)] = True
+    lungs = keep[lab]
     padded = np.pad(lungs, [(p, p) for p in pad])
     closed = ndimage.binary_closing(padded, structure=ball)
     closed = closed[tuple(slice(p, -p) for p in pad)]

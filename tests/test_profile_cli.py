@@ -44,7 +44,8 @@ def scans(tmp_path):
 
 def test_table_json_csv(app, scans, tmp_path):
     out_json, out_csv = tmp_path / "out" / "p.json", tmp_path / "out" / "p.csv"
-    res = CliRunner().invoke(app, [*map(str, scans), "--json", str(out_json), "--csv", str(out_csv)])
+    hu = ["--set", "preprocess.features=hu"]  # one site per kept voxel, whatever the default
+    res = CliRunner().invoke(app, [*map(str, scans), *hu, "--json", str(out_json), "--csv", str(out_csv)])
     assert res.exit_code == 0, res.output
     assert "a.nii.gz" in res.output and "b.nii" in res.output
     assert "2 ok" in res.output and "0 failed" in res.output
@@ -58,9 +59,12 @@ def test_table_json_csv(app, scans, tmp_path):
     assert row["occupancy"] == pytest.approx(2112 / (24 * 20 * 16))
     assert row["sweep"]["-500"] == pytest.approx((2112 + 512) / (24 * 20 * 16))
     assert row["sweep"]["500"] == 0
-    assert row["dense_bytes"] == 24 * 20 * 16 * 4
-    assert row["sparse_bytes"] == 2112 * (3 * 4 + 4)
-    assert row["act_dense_bytes"] == 16 * 11 * 12 * 16 * 4
+    assert row["volume_bytes"] == 24 * 20 * 16 * 4
+    mem = row["memory"]  # the body fills its cropped grid: every cell is a site
+    assert (mem["sites"], mem["grid_cells"], mem["channels"], mem["width"]) == (2112, 16 * 11 * 12, 1, 16)
+    assert mem["input"]["coords_bytes"] == 2112 * 16 and mem["input"]["feats_bytes"] == 2112 * 4
+    assert mem["input"]["dense_bytes"] == 16 * 11 * 12 * 4
+    assert mem["first_layer"] == {"sparse_bytes": 2112 * 16 * 4, "dense_bytes": 16 * 11 * 12 * 16 * 4}
     assert row["hu"]["min"] == -1000 and row["hu"]["max"] == 300
     assert set(row["times"]) >= {"read", "resample", "threshold", "mask", "encode"}
     with open(out_csv, newline="") as fh:
@@ -73,9 +77,8 @@ def test_table_json_csv(app, scans, tmp_path):
 
 def test_threshold_shortcut_and_set_override(app, scans, tmp_path):
     out = tmp_path / "p.json"
-    res = CliRunner().invoke(
-        app, [str(scans[0]), "--threshold", "100", "--set", "preprocess.body_mask=false", "--json", str(out)]
-    )
+    sets = ["--set", "preprocess.body_mask=false", "--set", "preprocess.features=hu"]
+    res = CliRunner().invoke(app, [str(scans[0]), "--threshold", "100", *sets, "--json", str(out)])
     assert res.exit_code == 0, res.output
     row = json.loads(out.read_text())["scans"][0]
     assert row["threshold"] == 100 and row["sites"] == 16 * 2 * 16  # only the table is >= 100 HU
@@ -120,3 +123,85 @@ def test_dataset_folder_expands(app, scans, tmp_path):
     assert res.exit_code == 0, res.output
     paths = sorted(r["path"] for r in json.loads(out.read_text())["scans"])
     assert [p.rsplit("/", 1)[-1] for p in paths] == ["a.nii.gz", "b.nii"]
+
+
+def test_memory_breakdown_adds_up(app, tmp_path):
+    """Patch features on a scan that fills a fifth of its grid: each figure is its formula, the
+    parts add up to the totals, and the first layer is where sparsity saves."""
+    arr = np.full((24, 20, 16), -1000, dtype=np.int16)
+    arr[4:20, 4:16, 2:14] = 40  # the body box, 16 x 12 x 12
+    arr[6:18, 6:14, 4:12] = -900  # hollow: 2-voxel walls, air inside (like lungs)
+    path = _write(tmp_path / "shell.nii.gz", arr)
+    out = tmp_path / "p.json"
+    sets = ["--set", "preprocess.features=patch", "--set", "preprocess.patch_size=2"]
+    res = CliRunner().invoke(
+        app,
+        [
+            str(path),
+            *sets,
+            "--set",
+            "model.widths=[24, 48]",
+            "--set",
+            "model.depths=[1, 1]",
+            "--json",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    m = data["scans"][0]["memory"]
+    n, cells, c, w = m["sites"], m["grid_cells"], m["channels"], m["width"]
+    assert (c, w, cells) == (8, 24, 8 * 6 * 6)  # 2^3 voxels per site; the grid of 2^3 blocks
+    assert n == data["scans"][0]["sites"] and n < cells  # the air inside has no sites
+    inp, act = m["input"], m["first_layer"]
+    assert inp["coords_bytes"] == 16 * n and inp["feats_bytes"] == 4 * c * n
+    assert inp["sparse_bytes"] == inp["coords_bytes"] + inp["feats_bytes"]
+    assert inp["dense_bytes"] == 4 * c * cells
+    assert m["stored_bytes"] == (12 + 4 * c) * n  # what the cache file holds: no batch index
+    assert act == {"sparse_bytes": 4 * w * n, "dense_bytes": 4 * w * cells}
+    assert inp["break_even_occupancy"] == pytest.approx(32 / 48)
+    total = data["summary"]["total"]
+    assert total["input_coords_bytes"] + total["input_feats_bytes"] == total["input_sparse_bytes"]
+    assert total["first_layer_dense_bytes"] == act["dense_bytes"]
+    assert "coords: 16 B per site" in res.output and "1st layer" in res.output
+
+
+def test_multi_series_folder_gives_one_row_per_ct_series(app, tmp_path):
+    import shutil
+
+    from ctsparse.io import write_dicom_series
+    from tests.io_helpers import ramp_volume
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    for name, uid, shape, kw in (
+        ("a", "1.2.826.0.1.3680043.10.543.11", (10, 10, 9), {"SeriesDescription": "Head 5mm"}),
+        ("b", "1.2.826.0.1.3680043.10.543.12", (10, 10, 6), {"SeriesDescription": "Head bone"}),
+        ("m", "1.2.826.0.1.3680043.10.543.13", (10, 10, 4), {"modality": "MR"}),
+    ):
+        for p in write_dicom_series(
+            ramp_volume(shape, seed=len(name)), tmp_path / name, series_uid=uid, **kw
+        ):
+            shutil.move(p, folder / f"{name}_{p.name}")
+    out_json, out_csv = tmp_path / "p.json", tmp_path / "p.csv"
+    res = CliRunner().invoke(app, [str(folder), "--json", str(out_json), "--csv", str(out_csv)])
+    assert res.exit_code == 0, res.output
+    assert "Head 5mm, 9 slices" in res.output and "Head bone, 6 slices" in res.output
+    assert "skipped" in res.output and "modality MR is not CT (pass --allow-non-ct" in res.output
+    data = json.loads(out_json.read_text())
+    assert [(r["series_description"], r["n_slices"]) for r in data["scans"]] == [
+        ("Head 5mm", 9),
+        ("Head bone", 6),
+    ]
+    assert [r["dims"][2] for r in data["scans"]] == [9, 6]  # each row read its own series
+    assert data["skipped"][0]["series_uid"].endswith(".13") and "not CT" in data["skipped"][0]["reason"]
+    with open(out_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["series_uid"][-3:] for r in rows] == [".11", ".12"] and rows[0]["n_slices"] == "9"
+
+    res = CliRunner().invoke(app, [str(folder), "--series", "1.2.826.0.1.3680043.10.543.13"])
+    assert res.exit_code == 1 and "--allow-non-ct" in res.output
+    res = CliRunner().invoke(
+        app, [str(folder), "--series", "1.2.826.0.1.3680043.10.543.13", "--allow-non-ct"]
+    )
+    assert res.exit_code == 0, res.output

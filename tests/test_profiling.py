@@ -118,10 +118,11 @@ def test_summarize_counts_ok_and_failed():
             "site_occupancy": 0.5,
             "sites": 10,
             "kept_voxels": 10,
-            "dense_bytes": 400,
-            "sparse_bytes": 160,
-            "act_dense_bytes": 100,
-            "act_sparse_bytes": 50,
+            "volume_bytes": 400,
+            "memory": {
+                "input": {"coords_bytes": 160, "feats_bytes": 40, "sparse_bytes": 200, "dense_bytes": 400},
+                "first_layer": {"sparse_bytes": 100, "dense_bytes": 800},
+            },
             "times": {"read": 1.0},
             "peak_rss_bytes": 5,
         },
@@ -132,10 +133,11 @@ def test_summarize_counts_ok_and_failed():
             "site_occupancy": 0.6,
             "sites": 30,
             "kept_voxels": 30,
-            "dense_bytes": 400,
-            "sparse_bytes": 480,
-            "act_dense_bytes": 100,
-            "act_sparse_bytes": 150,
+            "volume_bytes": 400,
+            "memory": {
+                "input": {"coords_bytes": 480, "feats_bytes": 120, "sparse_bytes": 600, "dense_bytes": 400},
+                "first_layer": {"sparse_bytes": 100, "dense_bytes": 800},
+            },
             "times": {"read": 2.0},
             "peak_rss_bytes": 7,
         },
@@ -144,5 +146,6 @@ def test_summarize_counts_ok_and_failed():
     assert (s["n_scans"], s["n_ok"], s["n_failed"]) == (3, 2, 1)
     assert s["occupancy"] == {"median": pytest.approx(0.3), "min": 0.2, "max": 0.4}
     assert s["total"]["sites"] == 40 and s["seconds"] == pytest.approx(3.0)
+    assert s["total"]["input_sparse_bytes"] == 800 and s["total"]["first_layer_dense_bytes"] == 1600
     assert s["failed"] == [{"path": "a", "error": "bad"}]
     assert summarize([])["occupancy"]["median"] is None

@@ -21,6 +21,7 @@ def read_volume(
     series_uid: str | None = None,
     allow_non_ct: bool = False,
     spacing: Sequence[float] | None = None,
+    files: Sequence[Path] | None = None,
 ) -> Volume:
     """Read one scan: ``.nii``/``.nii.gz`` -> NIfTI, a folder -> DICOM series, any other file -> DICOM.
 
@@ -32,6 +33,11 @@ def read_volume(
             values as reading and then ``sparsify.resample`` (``ctsparse.io.resample``), but a
             DICOM series is resampled slice by slice, so its full-resolution float32 volume never
             exists. ``meta["resampled_from"]`` keeps the original shape and spacing.
+        files: for a DICOM folder, the files of the series to read (``SeriesInfo.files`` from
+            ``ctsparse.io.dicom_listing``), so the folder's other files are not parsed again.
+
+    Raises:
+        ScanError: unreadable, or not CT (``NotCTError``) unless allow_non_ct.
     """
     p = Path(path)
     if not p.exists():
@@ -44,7 +50,9 @@ def read_volume(
         from ctsparse.io.dicom import read_dicom
 
         try:
-            return read_dicom(p, series_uid=series_uid, allow_non_ct=allow_non_ct, spacing=spacing)
+            return read_dicom(
+                p, series_uid=series_uid, allow_non_ct=allow_non_ct, spacing=spacing, files=files
+            )
         except PermissionError:
             raise ScanError(p, "permission denied") from None
         except MemoryError:

@@ -7,16 +7,21 @@ else is listed in ``meta["skipped"]``.
 
 from __future__ import annotations
 
-import os
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
 
-from ctsparse.errors import ScanError
-from ctsparse.io.dicom_headers import Slice, looks_like_dicom, read_header, slices_from_header
+from ctsparse.errors import NOT_CT, NotCTError, ScanError
+from ctsparse.io.dicom_headers import Slice
+from ctsparse.io.dicom_listing import (
+    largest_scan,
+    read_headers,
+    series_info,
+    series_problem,
+    source_files,
+)
 from ctsparse.io.dicom_series import assemble
 from ctsparse.volume import Volume
 
@@ -31,82 +36,38 @@ _META_KEYWORDS = {
 }
 
 
-def folder_files(folder: Path, *, recursive: bool = False) -> list[Path]:
-    """Files directly in ``folder`` if any looks like DICOM; otherwise every file below it (a
-    patient or study folder with one subfolder per series, maybe beside a README)."""
-    direct = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not recursive and any(looks_like_dicom(p) for p in direct):
-        return direct
-    found: list[Path] = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(Path(root) / f for f in sorted(files) if not f.startswith("."))
-    return found
-
-
-def _series_summary(uid: str, slices: list[Slice]) -> str:
-    header = slices[0].header
-    n_files = len({s.path for s in slices})
-    modality = header.get("Modality", "?")
-    desc = header.get("SeriesDescription", "")
-    return f"series {uid} ({modality}, {n_files} file(s){', ' + str(desc) if desc else ''})"
-
-
 def _choose_series(
     groups: dict[str, list[Slice]], source: Path, series_uid: str | None, allow_non_ct: bool
 ) -> tuple[str, list[str]]:
     """Pick a series UID; return it and the lines describing the series left out."""
+    infos = {uid: series_info(uid, sl) for uid, sl in groups.items()}
     if series_uid is not None:
         if series_uid not in groups:
             listed = ", ".join(sorted(groups)[:5])
             raise ScanError(source, f"series {series_uid} not found; available: {listed}")
         chosen = series_uid
     else:
-        candidates = {
-            uid: sl
-            for uid, sl in groups.items()
-            if allow_non_ct or str(sl[0].header.get("Modality", "")).upper() == "CT"
-        }
-        if not candidates:
-            modalities = sorted({str(sl[0].header.get("Modality", "unknown")) for sl in groups.values()})
-            raise ScanError(
-                source,
-                f"modality {'/'.join(modalities)} is not CT (pass allow_non_ct / --allow-non-ct to read it)",
-            )
-        # Largest by cross-sectional images, so a localizer-only series never wins over the scan.
-        chosen = max(
-            candidates,
-            key=lambda uid: (sum(not s.localizer for s in candidates[uid]), len(candidates[uid]), uid),
-        )
+        best = largest_scan(list(infos.values()), allow_non_ct)
+        if best is None:
+            problems = {uid: series_problem(info, allow_non_ct) for uid, info in infos.items()}
+            modalities = sorted({i.modality for i in infos.values() if i.modality.upper() != "CT"})
+            if modalities and not allow_non_ct and all(NOT_CT in (p or "") for p in problems.values()):
+                raise NotCTError(source, "/".join(modalities))
+            if len(infos) == 1:
+                raise ScanError(source, str(next(iter(problems.values()))))
+            listed = "; ".join(f"{infos[u].label()}: {p}" for u, p in sorted(problems.items()))
+            raise ScanError(source, f"no series to read: {listed}")
+        chosen = best.uid
     skipped = []
-    for uid, sl in groups.items():
+    for uid, info in infos.items():
         if uid != chosen:
-            is_ct = str(sl[0].header.get("Modality", "")).upper() == "CT"
-            why = "not the requested series" if series_uid else ("smaller" if is_ct else "not CT")
-            skipped.append(f"{_series_summary(uid, sl)}: {why}")
+            why = (
+                "not the requested series"
+                if series_uid
+                else (series_problem(info, allow_non_ct) or "smaller")
+            )
+            skipped.append(f"{info.label()}: {why}")
     return chosen, skipped
-
-
-def _read_headers(source: Path, files: list[Path]) -> tuple[dict[str, list[Slice]], list[str]]:
-    """Slices grouped by SeriesInstanceUID, and one line per file that is not a usable image."""
-    skipped: list[str] = []
-    groups: dict[str, list[Slice]] = defaultdict(list)
-    for f in files:
-        read = read_header(f)
-        if isinstance(read, str):
-            if not source.is_dir():
-                raise ScanError(source, read)
-            skipped.append(f"{f.relative_to(source)}: {read}")
-            continue
-        try:
-            slices = slices_from_header(f, read)
-        except ValueError as exc:
-            if not source.is_dir():
-                raise ScanError(source, str(exc)) from None
-            skipped.append(f"{f.relative_to(source)}: {exc}")
-            continue
-        groups[str(read.get("SeriesInstanceUID", "unknown"))].extend(slices)
-    return groups, skipped
 
 
 def read_dicom(
@@ -115,18 +76,23 @@ def read_dicom(
     series_uid: str | None = None,
     allow_non_ct: bool = False,
     spacing: Sequence[float] | None = None,
+    files: Sequence[Path] | None = None,
 ) -> Volume:
     """Read a DICOM file (classic or enhanced multi-frame) or a folder holding one or more series,
-    resampled while decoding to `spacing` (mm per RAS+ axis) if given."""
+    resampled while decoding to `spacing` (mm per RAS+ axis) if given.
+
+    Args:
+        files: the files to read instead of listing the folder (``SeriesInfo.files``), so that
+            reading one series of a large export does not parse every other series' headers.
+    """
     source = Path(path)
-    files = folder_files(source) if source.is_dir() else [source]
+    if files is not None:  # listed by ctsparse.io.dicom_listing: parse only this series' files
+        files = list(files)
+        groups, skipped = read_headers(source, files)
+    else:
+        files, groups, skipped = source_files(source)
     if not files:
         raise ScanError(source, "empty folder")
-    groups, skipped = _read_headers(source, files)
-    if not groups and source.is_dir() and any(p.is_dir() for p in source.iterdir()):
-        # only index files (DICOMDIR, reports) here: the images are in the subfolders
-        files = folder_files(source, recursive=True)
-        groups, skipped = _read_headers(source, files)
     if not groups:
         kinds = sorted({line.split(": ", 1)[1] for line in skipped})
         raise ScanError(source, f"no DICOM image in {len(files)} file(s) ({'; '.join(kinds[:3])})")
@@ -136,14 +102,12 @@ def read_dicom(
     header: Dataset = slices[0].header
     modality = str(header.get("Modality", "unknown"))
     if modality.upper() != "CT" and not allow_non_ct:
-        raise ScanError(
-            source, f"modality {modality} is not CT (pass allow_non_ct / --allow-non-ct to read it)"
-        )
+        raise NotCTError(source, modality)
 
     array, affine, used, notes = assemble(slices, source, spacing)
     warnings = notes.warnings
     if other_series:
-        warnings.insert(0, f"folder holds {len(groups)} series; read {_series_summary(chosen, slices)}")
+        warnings.insert(0, f"folder holds {len(groups)} series; read {series_info(chosen, slices).label()}")
     meta: dict[str, Any] = {
         "format": "dicom",
         "modality": modality,

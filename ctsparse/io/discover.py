@@ -50,7 +50,8 @@ def is_scan_path(path: str | Path) -> bool:
 def find_scans(root: str | Path) -> list[Path]:
     """Every scan under ``root``, sorted: each NIfTI file, and each folder holding DICOM files.
 
-    A folder whose files are DICOM counts as one scan (its series are sorted out at read time);
+    A folder whose files are DICOM counts as one scan (a dataset entry: the reader takes its
+    largest CT series; ``ctsparse.inputs`` lists its series for predict and profile);
     its subfolders are searched too, so a study folder with one subfolder per series gives one
     scan per series. Hidden entries and non-image files (labels.csv, README, ...) are ignored.
     """

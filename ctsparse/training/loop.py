@@ -15,7 +15,7 @@ import json
 import math
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from ctsparse.training import history as hist
 from ctsparse.training.checkpoint import load_checkpoint, save_checkpoint
 from ctsparse.training.epoch import EpochProgress, evaluate, run_epoch
 from ctsparse.training.prepare import prepare_scans
+from ctsparse.training.resume import resume_config
 
 Event = Callable[[str, dict[str, Any]], None]
 RUN_FILES = ("best.pt", "last.pt", "history.csv", "metrics.json", "config.yaml", "split.json")
@@ -70,11 +71,14 @@ def train(
     resume: bool = False,
     resume_epochs: int | None = None,
     on_event: Event | None = None,
+    resume_keys: Iterable[str] = (),
 ) -> TrainResult:
     """Train on a labelled dataset; with resume=True continue OUT/last.pt under its own config.
 
     Args:
-        cfg: the run's config (ignored when resuming: the checkpoint's config wins).
+        cfg: the run's config. When resuming, the checkpoint's config wins except for the
+            `resume_keys` (those the command line set), taken from `cfg` where they cannot alter
+            what was learned (training/resume.py); any other one that differs is refused.
         resume_epochs: when resuming, a new total epoch count (to extend a finished run).
     """
     out = Path(out_dir)
@@ -84,7 +88,8 @@ def train(
         if not last.is_file():
             raise CtsparseError(f"{last}: nothing to resume (no last.pt in {out})")
         ckpt = load_checkpoint(last)
-        cfg = ckpt.config  # the run's own config wins; only the epoch budget may be extended
+        # refused before anything in OUT is touched
+        cfg = resume_config(ckpt.config, cfg, resume_keys)
         if resume_epochs is not None:
             cfg.train.epochs = resume_epochs
         state = ckpt.extra

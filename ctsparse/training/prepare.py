@@ -21,6 +21,7 @@ from typing import Any
 
 from ctsparse.config import PreprocessConfig
 from ctsparse.errors import CtsparseError
+from ctsparse.inputs import InputItem
 from ctsparse.sparse import SparseVolume
 
 Progress = Callable[[int, int, str], None]
@@ -115,7 +116,13 @@ class Prepared:
     peak_bytes: int  # peak RSS of the process that did the work, over read + sparsify
 
 
-def read_and_sparsify(path: str, cfg: PreprocessConfig, series_uid: str | None = None) -> Prepared | str:
+def read_and_sparsify(
+    path: str,
+    cfg: PreprocessConfig,
+    series_uid: str | None = None,
+    allow_non_ct: bool = False,
+    files: Sequence[Path] | None = None,
+) -> Prepared | str:
     from ctsparse.io import read_volume
     from ctsparse.profiling import peak_memory
     from ctsparse.sparsify import sparsify
@@ -124,7 +131,9 @@ def read_and_sparsify(path: str, cfg: PreprocessConfig, series_uid: str | None =
         with peak_memory() as mem:
             t0 = time.perf_counter()
             # resampled slice by slice while decoding: no full-resolution float volume in memory
-            volume = read_volume(path, series_uid=series_uid, spacing=cfg.spacing)
+            volume = read_volume(
+                path, series_uid=series_uid, allow_non_ct=allow_non_ct, spacing=cfg.spacing, files=files
+            )
             t1 = time.perf_counter()
             sv = sparsify(volume, cfg)
             t2 = time.perf_counter()
@@ -135,11 +144,13 @@ def read_and_sparsify(path: str, cfg: PreprocessConfig, series_uid: str | None =
 
 
 def iter_prepared(
-    paths: Sequence[Path], cfg: PreprocessConfig, series_uid: str | None = None, workers: int = 0
+    items: Sequence[InputItem], cfg: PreprocessConfig, workers: int = 0, allow_non_ct: bool = False
 ) -> Iterator[Prepared | str]:
-    """read_and_sparsify over paths, yielded in input order while workers run ahead."""
-    if workers <= 0 or len(paths) <= 1:
-        for p in paths:
-            yield read_and_sparsify(str(p), cfg, series_uid)
+    """read_and_sparsify over items (``ctsparse.inputs``), yielded in input order while workers
+    run ahead."""
+    jobs = [(str(it.path), cfg, it.series_uid, allow_non_ct, it.read_kwargs()["files"]) for it in items]
+    if workers <= 0 or len(jobs) <= 1:
+        for job in jobs:
+            yield read_and_sparsify(*job)
         return
-    yield from imap_isolated(read_and_sparsify, [(str(p), cfg, series_uid) for p in paths], workers)
+    yield from imap_isolated(read_and_sparsify, jobs, workers)
