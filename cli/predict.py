@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.text import Text
 
 from .console import console, handles_errors
 from .render import (
@@ -59,6 +60,7 @@ def predict(
         raise typer.BadParameter(f"{out}: --out must end in .csv or .json")
     t0 = time.perf_counter()
     done: list[str] = []
+    started: dict[str, Any] = {}  # the checkpoint's classes, decision rule and training ranges
     with console.status("predicting...") as status:
         expansion = expand_inputs(inputs, series_uid=series, allow_non_ct=allow_non_ct)
 
@@ -74,25 +76,29 @@ def predict(
             series_uid=series,
             on_row=on_row,
             workers=workers,
+            on_start=started.update,
             allow_non_ct=allow_non_ct,
         )
-    summary = summarize(rows, time.perf_counter() - t0)
+    summary = summarize(rows, time.perf_counter() - t0, started.get("decision"))
     probs = sorted({k for r in rows for k in r if k.startswith("p_")})
+    flagged = any(r.get("warnings") for r in rows)
     named = any(r.get("series_uid") for r in rows)  # DICOM rows name the series they read
-    cols = ["scan", *["series"] * named, "label", *probs, "sites", "occupancy", "read s", "prep s"]
     table = make_table(
         "predictions",
-        [*cols, "model s", "peak RSS MB"],
+        ["scan", *["series"] * named, "label", *probs, "sites", "occupancy", "read s", "prep s", "model s"]
+        + ["peak RSS MB"]
+        + ["warnings"] * flagged,
         right=[*probs, "sites", "occupancy", "read s", "prep s", "model s", "peak RSS MB"],
     )
     for r in rows:
         if r.get("error"):
             add_error_row(table, Path(r["path"]).name, non_ct_hint(r["error"]))
             continue
+        warnings = r.get("warnings") or []
         table.add_row(
             Path(r["path"]).name,
             *([series_cell(r)] if named else []),
-            r["label"],
+            Text.assemble(r["label"], (" !", "bold yellow")) if warnings else r["label"],
             *[fmt_float(r.get(p), ".3f") for p in probs],
             str(r["sites"]),
             fmt_pct(r["occupancy"]),
@@ -100,10 +106,19 @@ def predict(
             f"{r['time_preprocess_s']:.2f}",
             f"{r['time_model_s']:.2f}",
             f"{r['peak_rss_mb']:.0f}",
+            *([Text("; ".join(warnings), style="yellow")] if flagged else []),
         )
     console.print(table)
     for line in skipped_lines(expansion.skipped):
         console.print(line, highlight=False)
+    console.print(f"decision: {summary['threshold']}", highlight=False)
+    if started.get("training_ranges") is None:
+        console.print("[yellow]the checkpoint holds no training ranges: scans not checked against them[/]")
+    if summary["n_out_of_range"]:
+        console.print(
+            f"[bold yellow]![/] {summary['n_out_of_range']} scan(s) outside the ranges of the training "
+            "scans (marked !): their labels are less trustworthy"
+        )
     console.print(
         f"{summary['n_ok']} predicted, {summary['n_failed']} failed in {summary['wall_s']:.1f} s "
         f"({summary['scans_per_s']:.2f} scans/s); labels {summary['label_counts']}"

@@ -218,6 +218,8 @@ def train(
         console.print(
             f"confusion matrix (rows true, cols predicted, {m['classes']}): {m['confusion_matrix']}"
         )
+    if m.get("threshold"):
+        console.print(f"decision rule in best.pt: {m['threshold']}", highlight=False)
     console.print(f"checkpoints: {out / 'best.pt'}, {out / 'last.pt'}; history: {out / 'history.csv'}")
     if result.interrupted:
         where = f"epoch {result.epochs_run}" + (

@@ -104,6 +104,14 @@ class TrainConfig:
     # rank's share: CT batches are small (a few scans per rank), and BN on 2-4 samples is noisy.
     # Costs two small all-reduces per BN layer per step. Ignored on one process.
     sync_bn: bool = True
+    # The class a two-class task looks for, whose probability the operating threshold is set on.
+    # None: the other class when exactly one name is normal-like (normal, negative, healthy, ...),
+    # else the second in sorted order (ctsparse/calibration.py).
+    positive_class: str | None = None
+    # None: the threshold maximises Youden's J (sensitivity + specificity) on the validation split.
+    # A value (e.g. 0.9): the highest threshold whose validation sensitivity reaches it, for a
+    # screening use where a missed finding costs more than a false alarm.
+    target_sensitivity: float | None = None
 
 
 @dataclass
@@ -224,6 +232,8 @@ def validate_section(obj: Any, prefix: str) -> None:
             raise ConfigError(f"{p}val_fraction", "must be in [0, 1)")
         if obj.lr <= 0:
             raise ConfigError(f"{p}lr", "must be > 0")
+        if obj.target_sensitivity is not None and not 0 < obj.target_sensitivity <= 1:
+            raise ConfigError(f"{p}target_sensitivity", "must be in (0, 1] or null")
     elif isinstance(obj, DataConfig) and obj.workers < 0:
         raise ConfigError(f"{p}workers", "must be >= 0")
 

@@ -14,10 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ctsparse.calibration import Decision
 from ctsparse.collate import collate
 from ctsparse.device import resolve_device
 from ctsparse.errors import CtsparseError, ScanError
 from ctsparse.inputs import InputItem, expand_inputs
+from ctsparse.ood import out_of_range, scan_quantities
 from ctsparse.sparse import SparseVolume
 from ctsparse.training.checkpoint import build_from_checkpoint
 from ctsparse.training.epoch import stride_multiple
@@ -34,9 +36,15 @@ def predict(
     series_uid: str | None = None,
     on_row: Callable[[Row], None] | None = None,
     workers: int = 0,
+    on_start: Callable[[dict[str, Any]], None] | None = None,
+    expand: bool = True,
     allow_non_ct: bool = False,
 ) -> list[Row]:
     """One row per input, in input order; a bad input becomes an error row.
+
+    Probabilities are softmax(logits / T) and the label follows the checkpoint's decision rule
+    (ctsparse/calibration.py; argmax for checkpoints without one). Each row's `warnings` lists the
+    quantities outside the training ranges (ctsparse/ood.py).
 
     A DICOM folder holding several CT series gives one row per series (``ctsparse.inputs``);
     each row names its series (series_uid, series_description, n_slices).
@@ -44,6 +52,10 @@ def predict(
     Args:
         series_uid: read only this SeriesInstanceUID of multi-series folders.
         workers: processes that read and sparsify scans ahead of the model (0: this process).
+        on_start: called once the checkpoint is loaded, before any scan is read, with its
+            classes, decision rule and training ranges (it may raise to stop the run).
+        expand: False takes each input as one scan path (a labelled dataset's samples), without
+            expanding folders or globs.
         allow_non_ct: read DICOM series of other modalities instead of refusing them.
     """
     from ctsparse.profiling import peak_memory
@@ -53,6 +65,10 @@ def predict(
     cfg = ckpt.config
     dev = resolve_device(device, need_me=cfg.model.backend == "sparse")
     model = model.to(dev).eval()
+    decision = Decision.from_dict(ckpt.extra.get("decision"))
+    ranges = ckpt.extra.get("training_ranges")
+    if on_start:
+        on_start({"classes": ckpt.classes, "decision": decision, "training_ranges": ranges})
     rows: list[Row] = []
     pending: list[tuple[Row, SparseVolume]] = []
 
@@ -65,14 +81,16 @@ def predict(
         t0 = time.perf_counter()
         with peak_memory() as mem, torch.no_grad():
             batch = collate(svs, None, cfg.model.backend, dev, stride_multiple(cfg))
-            probs = torch.softmax(model(batch.inputs).float(), dim=1).cpu().numpy()
+            logits = model(batch.inputs).float().cpu().numpy()
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
+        probs = decision.probabilities(logits)
+        labels = decision.labels(probs, ckpt.classes)
         seconds = time.perf_counter() - t0
         total_sites = sum(sv.n_sites for sv in svs) or 1
-        for (row, sv), p in zip(pending, probs, strict=True):
-            row["label"] = ckpt.classes[int(np.argmax(p))]
-            row["confidence"] = float(np.max(p))
+        for (row, sv), p, k in zip(pending, probs, labels, strict=True):
+            row["label"] = ckpt.classes[int(k)]
+            row["confidence"] = float(p[k])  # of the label given, which the threshold may make the lower
             row.update({f"p_{c}": float(v) for c, v in zip(ckpt.classes, p, strict=True)})
             # a batch's model time is shared out by sites, the quantity it scales with
             row["time_model_s"] = seconds * sv.n_sites / total_sites
@@ -86,13 +104,16 @@ def predict(
                 on_row(row)
         pending.clear()
 
-    items = expand_inputs(inputs, series_uid=series_uid, allow_non_ct=allow_non_ct).items
+    if expand:
+        items = expand_inputs(inputs, series_uid=series_uid, allow_non_ct=allow_non_ct).items
+    else:
+        items = [p if isinstance(p, InputItem) else InputItem(Path(p), series_uid) for p in inputs]
     todo = [it for it in items if it.error is None]
     prepared = iter_prepared(todo, cfg.preprocess, workers, allow_non_ct)
     position: dict[int, int] = {}
     for index, item in enumerate(items):
         path, err = item.path, item.error
-        row: Row = {"path": str(path), **item.describe(), "error": err}
+        row: Row = {"path": str(path), **item.describe(), "error": err, "warnings": []}
         position[id(row)] = index
         if err is None:
             try:
@@ -108,6 +129,7 @@ def predict(
                         "sites": sv.n_sites,
                         "occupancy": sv.occupancy,
                         "grid": "x".join(map(str, sv.grid_shape)),
+                        "warnings": out_of_range(scan_quantities(sv), ranges),
                     }
                 )
                 if sv.n_channels != ckpt.in_channels:
@@ -131,8 +153,9 @@ def predict(
     return rows
 
 
-def summarize(rows: list[Row], wall_s: float) -> dict[str, Any]:
+def summarize(rows: list[Row], wall_s: float, decision: Decision | None = None) -> dict[str, Any]:
     ok = [r for r in rows if not r.get("error")]
+    d = decision or Decision()
     counts: dict[str, int] = {}
     for r in ok:
         counts[r["label"]] = counts.get(r["label"], 0) + 1
@@ -145,4 +168,7 @@ def summarize(rows: list[Row], wall_s: float) -> dict[str, Any]:
         "label_counts": counts,
         "median_total_s": float(np.median([r["time_total_s"] for r in ok])) if ok else float("nan"),
         "peak_rss_mb": max((r["peak_rss_mb"] for r in ok), default=float("nan")),
+        "n_out_of_range": sum(bool(r.get("warnings")) for r in ok),
+        "threshold": d.describe(),
+        "decision": d.to_dict(),
     }

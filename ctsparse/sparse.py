@@ -20,7 +20,8 @@ import numpy.typing as npt
 from ctsparse.fileio import atomic_write
 
 # 2: sites in Fortran (z, y, x) order, centred resampling grid
-CACHE_FORMAT = 2
+# 3: stats carry the scan's own spacing, HU percentiles and kept volume (ctsparse/ood.py)
+CACHE_FORMAT = 3
 
 
 @dataclass(frozen=True)

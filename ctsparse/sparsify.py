@@ -314,6 +314,9 @@ def sparsify(volume: Volume, cfg: PreprocessConfig) -> SparseVolume:
                 np.concatenate([feats, _blob_channel(hu, keep, coords, voxel_mm, cfg)[:, None]], axis=1)
             )
     n_in_grid = int(np.prod(stats["grid_shape_resampled"]))
+    spacing_in = volume.meta.get("resampled_from", {}).get("spacing", volume.spacing)
+    stats["spacing_in"] = [round(float(s), 6) for s in spacing_in]  # the scan's own voxel size (mm)
+    stats.update(_intensity_stats(hu, keep, voxel_mm, n_kept))
     stats.update(
         voxels=n_in_grid,
         kept=n_kept,
@@ -336,6 +339,19 @@ def sparsify(volume: Volume, cfg: PreprocessConfig) -> SparseVolume:
         stats=stats,
         source=volume.source,
     )
+
+
+def _intensity_stats(hu: FloatArray, keep: BoolArray, voxel_mm: Any, n_kept: int) -> dict[str, float]:
+    """HU percentiles of the kept voxels and the kept volume in mL: what ctsparse.ood compares
+    against the training scans. Above ~2 M kept voxels every s-th slice is enough for a
+    percentile and avoids a copy of all of them."""
+    step = max(1, -(-n_kept // 2_000_000))
+    values = hu[..., ::step][keep[..., ::step]]
+    if values.size == 0:  # kept voxels only in the slices skipped
+        values = hu[keep]
+    p1, p50, p99 = (float(v) for v in np.percentile(values, [1, 50, 99]))
+    ml = n_kept * float(np.prod(voxel_mm)) / 1000.0
+    return {"hu_p1": p1, "hu_p50": p50, "hu_p99": p99, "region_ml": ml}
 
 
 def _nothing_survives(hu: FloatArray, cfg: PreprocessConfig) -> str:

@@ -109,6 +109,11 @@ def read_nifti(path: str | Path, spacing: Sequence[float] | None = None) -> Volu
         "sform_code": int(img.header["sform_code"]),
         "qform_code": int(img.header["qform_code"]),
     }
-    if resampled_from and resampled_from["shape"] != list(array.shape):
+    # a new spacing can keep the shape (e.g. 10.0 -> 10.5 mm over 32 voxels): recorded all the same
+    new_spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    if resampled_from and (
+        resampled_from["shape"] != list(array.shape)
+        or not np.allclose(resampled_from["spacing"], new_spacing, rtol=1e-6)
+    ):
         meta["resampled_from"] = resampled_from
     return Volume(array=array, affine=affine, source=str(path), meta=meta)

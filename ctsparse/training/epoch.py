@@ -171,7 +171,7 @@ def run_epoch(
 
 
 @torch.no_grad()
-def predict_probs(
+def predict_logits(
     model: torch.nn.Module, svs: list[SparseVolume], cfg: Config, dev: torch.device
 ) -> np.ndarray:
     model.eval()
@@ -179,8 +179,15 @@ def predict_probs(
     bs = cfg.train.batch_size
     for b in range(0, len(svs), bs):
         batch = collate(svs[b : b + bs], None, cfg.model.backend, dev, stride_multiple(cfg))
-        out.append(torch.softmax(model(batch.inputs).float(), dim=1).cpu().numpy())
+        out.append(model(batch.inputs).float().cpu().numpy())
     return np.concatenate(out, axis=0) if out else np.zeros((0, 0))
+
+
+def predict_probs(
+    model: torch.nn.Module, svs: list[SparseVolume], cfg: Config, dev: torch.device
+) -> np.ndarray:
+    logits = predict_logits(model, svs, cfg, dev)
+    return torch.softmax(torch.from_numpy(logits), dim=1).numpy() if logits.size else logits
 
 
 @torch.no_grad()
@@ -205,8 +212,15 @@ def evaluate(
     for r, part in enumerate(d.gather(local)):
         probs[r :: d.world] = part
     y = np.array([label for _, label in data], dtype=np.int64)
+    return probs_metrics(probs, y, loss_fn, classes)
+
+
+def probs_metrics(
+    probs: np.ndarray, y: np.ndarray, loss_fn: torch.nn.Module, classes: list[str]
+) -> dict[str, Any]:
+    """classification_metrics plus the (class-weighted) loss of these probabilities."""
     metrics = classification_metrics(y, probs.astype(np.float64), classes)
-    logp = torch.log(torch.from_numpy(probs).clamp_min(1e-12))
+    logp = torch.log(torch.from_numpy(probs.astype(np.float32)).clamp_min(1e-12))
     weight = getattr(loss_fn, "weight", None)
     w = None if weight is None else weight.cpu()
     metrics["loss"] = (

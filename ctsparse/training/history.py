@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ctsparse.fileio import atomic_write_text
+from ctsparse.fileio import atomic_write, atomic_write_text
 
 COLUMNS = [
     "epoch",
@@ -116,16 +116,28 @@ def plots(out: Path, classes: list[str], metrics: dict[str, Any]) -> None:
         plt.close(fig)
     cm = metrics.get("confusion_matrix")
     if cm:
-        fig, ax = plt.subplots(figsize=(4 + len(classes) * 0.4, 4 + len(classes) * 0.4))
-        ax.imshow(cm, cmap="Blues")
-        for i, r in enumerate(cm):
-            for j, v in enumerate(r):
-                ax.text(j, i, str(v), ha="center", va="center")
-        ax.set_xticks(range(len(classes)), classes, rotation=45)
-        ax.set_yticks(range(len(classes)), classes)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        ax.set_title(f"confusion matrix ({metrics.get('evaluated_on', '')})")
-        fig.tight_layout()
-        fig.savefig(out / "confusion_matrix.png", dpi=100)
-        plt.close(fig)
+        title = f"confusion matrix ({metrics.get('evaluated_on', '')})"
+        confusion_matrix_png(out / "confusion_matrix.png", classes, cm, title)
+
+
+def confusion_matrix_png(path: Path, classes: list[str], cm: list[list[int]], title: str) -> None:
+    """Rows true, columns predicted, counts in the cells; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4 + len(classes) * 0.4, 4 + len(classes) * 0.4))
+    ax.imshow(cm, cmap="Blues")
+    for i, r in enumerate(cm):
+        for j, v in enumerate(r):
+            ax.text(j, i, str(v), ha="center", va="center")
+    ax.set_xticks(range(len(classes)), classes, rotation=45)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    with atomic_write(path) as fh:
+        fig.savefig(fh, format="png", dpi=100)
+    plt.close(fig)

@@ -24,15 +24,17 @@ import numpy as np
 import torch
 import yaml
 
+from ctsparse.calibration import Decision, fit_decision, positive_class, softmax
 from ctsparse.config import Config, to_dict
 from ctsparse.data.datasets import Sample, discover_dataset, stratified_split
 from ctsparse.errors import CtsparseError, DatasetError
 from ctsparse.fileio import atomic_write_text, remove_stale_temps
+from ctsparse.ood import scan_quantities, training_ranges
 from ctsparse.sparse import SparseVolume
 from ctsparse.training import distributed as ddp
 from ctsparse.training import history as hist
 from ctsparse.training.checkpoint import load_checkpoint, save_checkpoint
-from ctsparse.training.epoch import EpochProgress, evaluate, run_epoch
+from ctsparse.training.epoch import EpochProgress, evaluate, predict_logits, probs_metrics, run_epoch
 from ctsparse.training.prepare import prepare_scans
 from ctsparse.training.resume import resume_config
 
@@ -140,6 +142,7 @@ def _train(
 
     samples = discover_dataset(data)
     classes = sorted({s.label for s in samples})
+    positive_class(classes, cfg.train.positive_class)  # a bad train.positive_class fails before any work
     if state and state.get("classes") != classes:
         raise CtsparseError(
             f"{out / 'last.pt'}: classes {state.get('classes')} differ from the dataset's {classes}"
@@ -155,6 +158,8 @@ def _train(
     by_path = {s.path: (sv, classes.index(s.label)) for s, sv in ok}
     train_set = [by_path[s.path] for s in train_s]
     val_set = [by_path[s.path] for s in val_s]
+    # what the weights saw: predict flags scans outside these ranges (ctsparse/ood.py)
+    ranges = training_ranges([scan_quantities(sv) for sv, _ in train_set])
     if d.is_main:
         split = {"train": [str(s.path) for s in train_s], "val": [str(s.path) for s in val_s]}
         atomic_write_text(out / "split.json", json.dumps({**split, "skipped": skipped}, indent=1))
@@ -270,7 +275,7 @@ def _train(
                 # best, then history, then last: a kill between any two leaves last.pt at the
                 # previous epoch, and resuming from it redoes this epoch and rewrites the others
                 if improved:
-                    meta = {"epoch": epoch, "metrics": _jsonable(ev)}
+                    meta = {"epoch": epoch, "metrics": _jsonable(ev), "training_ranges": ranges}
                     save_checkpoint(out / "best.pt", raw, cfg, classes, in_channels, meta)
                 hist.append(out / "history.csv", row)
             save_last(epoch, None)
@@ -294,7 +299,7 @@ def _train(
 
     metrics: dict[str, Any] = {}
     if d.is_main:
-        metrics = _final_metrics(out, val_set or train_set, cfg, dev, loss_fn, classes, bool(val_set))
+        metrics = _final_metrics(out, val_set or train_set, cfg, dev, loss_fn, classes, bool(val_set), ranges)
         metrics["skipped"] = skipped
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
         hist.plots(out, classes, metrics)
@@ -323,16 +328,44 @@ def _final_metrics(
     loss_fn: torch.nn.Module,
     classes: list[str],
     is_val: bool,
+    ranges: dict[str, Any],
 ) -> dict[str, Any]:
-    """The best checkpoint on the validation set; rank 0 alone, with the plain (non-DDP) model."""
+    """The best checkpoint on the validation set; rank 0 alone, with the plain (non-DDP) model.
+
+    Also fits the decision rule there (temperature, operating threshold: ctsparse/calibration.py)
+    and re-saves best.pt with it and the training ranges, so predict applies both.
+    """
     from ctsparse.training.checkpoint import build_from_checkpoint
 
     if not (out / "best.pt").is_file():
         return {"evaluated_on": "none", "note": "no complete epoch"}
     model, ckpt = build_from_checkpoint(out / "best.pt")
-    ev = evaluate(model.to(dev), data, cfg, dev, loss_fn, classes)
+    model = model.to(dev)
+    y = np.array([label for _, label in data], dtype=np.int64)
+    logits = predict_logits(model, [sv for sv, _ in data], cfg, dev).reshape(len(y), len(classes))
+    ev = probs_metrics(softmax(logits.astype(np.float64)), y, loss_fn, classes)
+    positive = positive_class(classes, cfg.train.positive_class)
+    if is_val:
+        decision = fit_decision(
+            logits,
+            y,
+            classes,
+            positive=positive,
+            target_sensitivity=cfg.train.target_sensitivity,
+            fitted_on="validation",
+        )
+    else:
+        decision = Decision(
+            positive_class=positive,
+            threshold=0.5 if positive is not None else None,
+            note="no validation split: T = 1 and argmax; set train.val_fraction > 0 to fit them",
+        )
+    extra = {**ckpt.extra, "decision": decision.to_dict(), "training_ranges": ranges}
+    save_checkpoint(out / "best.pt", model, ckpt.config, ckpt.classes, ckpt.in_channels, extra)
     return {
         "evaluated_on": "validation" if is_val else "training (no validation split)",
         "best_epoch": ckpt.extra.get("epoch"),
         **_jsonable(ev),
+        "decision": _jsonable(decision.to_dict()),
+        "threshold": decision.describe(),
     }

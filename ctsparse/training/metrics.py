@@ -32,10 +32,15 @@ def auroc(scores: npt.NDArray[np.float64], positive: npt.NDArray[np.bool_]) -> f
 
 
 def classification_metrics(
-    y_true: npt.NDArray[np.int64], probs: npt.NDArray[np.float64], classes: list[str]
+    y_true: npt.NDArray[np.int64],
+    probs: npt.NDArray[np.float64],
+    classes: list[str],
+    y_pred: npt.NDArray[np.int64] | None = None,
 ) -> dict[str, Any]:
+    """Accuracy, balanced accuracy and the confusion matrix of y_pred (default: argmax of probs),
+    AUROC of probs."""
     n = len(classes)
-    y_pred = probs.argmax(axis=1)
+    y_pred = probs.argmax(axis=1) if y_pred is None else y_pred
     cm = confusion_matrix(y_true, y_pred, n)
     support = cm.sum(axis=1)
     recall = np.divide(np.diag(cm), support, out=np.full(n, np.nan), where=support > 0)
