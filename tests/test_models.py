@@ -152,3 +152,20 @@ def test_dense_twin_conv_on_onednn_equals_conv3d(size: int, stride: int, shape: 
         rx, rw = torch.autograd.grad(ref, (x, conv.weight), g)
         torch.testing.assert_close(gx, rx, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(gw, rw, rtol=1e-3, atol=1e-3)
+
+
+def test_the_cross_kernel_check_keeps_the_thread_count() -> None:
+    """Its one-thread coordinate manager must not leave the process (and a cross model's training)
+    on one OpenMP thread."""
+    import torch
+
+    from ctsparse.models.kernels import cross_kernel_offsets
+
+    before = torch.get_num_threads()
+    cross_kernel_offsets.cache_clear()
+    torch.set_num_threads(2)
+    try:
+        assert cross_kernel_offsets()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -12,6 +12,7 @@ lacks the fix (installed some other way), and checkpoints record the order their
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 from ctsparse.errors import CtsparseError
 
@@ -40,6 +41,16 @@ def cross_kernel_offsets() -> tuple[tuple[int, int, int], ...] | None:
         import torch
     except ImportError:
         return None
+    threads = torch.get_num_threads()
+    try:
+        return _read_offsets(ME, torch)
+    finally:
+        # a coordinate manager sets OpenMP's thread count for the whole process: the one-thread
+        # manager below would leave every later step (a cross model's training) on one core
+        torch.set_num_threads(threads)
+
+
+def _read_offsets(ME: Any, torch: Any) -> tuple[tuple[int, int, int], ...]:
     r = torch.arange(-1, 2)
     block = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
     coords = torch.cat([torch.zeros(len(block), 1, dtype=torch.int64), block], 1).int()
@@ -59,7 +70,7 @@ def cross_kernel_offsets() -> tuple[tuple[int, int, int], ...] | None:
         hit = pairs[0][pairs[1] == centre]  # the input site the centre output reads through offset k
         if hit.numel() != 1:
             return ()
-        offsets.append(tuple(int(v) for v in x.C[int(hit[0]), 1:]))  # type: ignore[arg-type]
+        offsets.append((int(x.C[int(hit[0]), 1]), int(x.C[int(hit[0]), 2]), int(x.C[int(hit[0]), 3])))
     return tuple(offsets)
 
 
