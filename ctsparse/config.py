@@ -44,8 +44,10 @@ class PreprocessConfig:
     # Crop the grid to the bounding box of kept voxels (smaller dense twin, smaller coordinates).
     crop: bool = True
     # "hu": one channel of normalized HU per voxel. "patch": space-to-depth, each kept k^3 block
-    # becomes one site with its k^3 voxel values as channels (up to k^3 fewer sites).
-    features: Literal["hu", "patch"] = "hu"
+    # becomes one site with its k^3 voxel values as channels (up to k^3 fewer sites). "patch" by
+    # default: the sparse convolution's cost follows the site count, and 2^3 blocks keep every
+    # voxel's value at an eighth of the sites.
+    features: Literal["hu", "patch"] = "patch"
     patch_size: int = 2
     # One more channel per site: the multiscale Hessian dot filter (ctsparse/filters.py), large at
     # the centre of round bright objects (nodules), small along vessels and walls.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ctsparse.config import Config, from_dict, load_config, to_dict
 from ctsparse.errors import ConfigError
@@ -16,6 +17,26 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def test_shipped_configs_load(name: str) -> None:
     cfg = load_config(CONFIGS / name)
     assert isinstance(cfg, Config)
+
+
+def test_default_yaml_is_the_dataclass_defaults_key_for_key() -> None:
+    """One source of defaults: configs/default.yaml documents Config() and lists every key."""
+    assert to_dict(load_config(CONFIGS / "default.yaml")) == to_dict(Config())
+    raw = yaml.safe_load((CONFIGS / "default.yaml").read_text())
+    for section, values in to_dict(Config()).items():
+        assert set(raw[section]) == set(values), f"configs/default.yaml [{section}]"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_build_a_model(name: str) -> None:
+    pytest.importorskip("MinkowskiEngine", reason="MinkowskiEngine is not installed: run scripts/setup.sh")
+    from ctsparse.models import create_model
+
+    cfg = load_config(CONFIGS / name)
+    p = cfg.preprocess
+    channels = (p.patch_size**3 if p.features == "patch" else 1) + int(p.blob_channel)
+    model = create_model(cfg.model, channels, 2)
+    assert model.head.out_features == 2
 
 
 def test_overrides_are_typed_and_applied() -> None:

@@ -135,7 +135,7 @@ def test_dicom_resampled_on_read_equals_read_then_resample(tmp_path: Path, slice
     assert small.meta["resampled_from"]["shape"] == [40, 36, 24]
     np.testing.assert_allclose(centroid_mm(small), (3.3, -4.1, 2.2), atol=0.1)
     # sparsify sees the target spacing and does not resample again: the same sites either way
-    cfg = PreprocessConfig(spacing=list(spacing), threshold=300.0, body_mask=False)
+    cfg = PreprocessConfig(features="hu", spacing=list(spacing), threshold=300.0, body_mask=False)
     a, b = sparsify(full, cfg), sparsify(small, cfg)
     assert b.stats["grid_shape_in"] == a.stats["grid_shape_in"] == [40, 36, 24]
     assert b.stats["grid_shape_resampled"] == a.stats["grid_shape_resampled"] == [13, 15, 9]
@@ -157,7 +157,7 @@ def test_resampled_sites_keep_world_positions() -> None:
     """Site coordinates through the SparseVolume affine land on the ball, whatever the spacing."""
     vol = ball_volume()
     for spacing in ([0.7, 0.8, 1.5], [2.0, 2.0, 2.0], [3.65, 3.65, 5.0]):
-        sv = sparsify(vol, PreprocessConfig(spacing=spacing, threshold=250.0, body_mask=False))
+        sv = sparsify(vol, PreprocessConfig(features="hu", spacing=spacing, threshold=250.0, body_mask=False))
         world = sv.affine[:3, :3] @ sv.coords.T.astype(float) + sv.affine[:3, 3:4]
         np.testing.assert_allclose(world.mean(axis=1), (3.3, -4.1, 2.2), atol=max(spacing) / 2)
         np.testing.assert_allclose(sv.spacing, spacing)

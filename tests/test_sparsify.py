@@ -25,7 +25,7 @@ def cube_in_air(shape=(12, 10, 8), lo=(3, 2, 1), hi=(7, 6, 5), hu=40.0, **kw) ->
 
 def test_cube_exact_count_crop_and_affine():
     vol = cube_in_air(spacing=(0.5, 1.0, 2.0), origin=(10.0, -5.0, 3.0))
-    sv = sparsify(vol, PreprocessConfig())
+    sv = sparsify(vol, PreprocessConfig(features="hu"))
     assert sv.n_sites == 4 * 4 * 4
     assert sv.grid_shape == (4, 4, 4)
     assert sv.stats["crop_offset"] == [3, 2, 1]
@@ -49,7 +49,7 @@ def test_cube_exact_count_crop_and_affine():
 
 def test_no_crop_keeps_grid_and_affine():
     vol = cube_in_air()
-    sv = sparsify(vol, PreprocessConfig(crop=False))
+    sv = sparsify(vol, PreprocessConfig(features="hu", crop=False))
     assert sv.grid_shape == vol.shape
     np.testing.assert_array_equal(sv.affine, vol.affine)
     assert sv.coords.min(axis=0).tolist() == [3, 2, 1]
@@ -57,7 +57,9 @@ def test_no_crop_keeps_grid_and_affine():
 
 def test_window_clips_features():
     vol = cube_in_air(hu=3000.0)
-    sv = sparsify(vol, PreprocessConfig(window=[-1000.0, 1000.0], hu_center=0.0, hu_scale=1000.0))
+    sv = sparsify(
+        vol, PreprocessConfig(features="hu", window=[-1000.0, 1000.0], hu_center=0.0, hu_scale=1000.0)
+    )
     np.testing.assert_allclose(sv.feats, 1.0)
 
 
@@ -94,7 +96,7 @@ def test_hu_range_threshold_and_body_mask_keeps_separate_bones():
     arr[12:15, 12:14, 3:5] = 900.0  # bone 2 (12 voxels), not touching bone 1
     arr[10, 10, 5] = 5000.0  # metal, above threshold_max
     vol = Volume(arr, _affine(), "bones.nii")
-    cfg = PreprocessConfig(threshold=200.0, threshold_max=3000.0, body_mask=True)
+    cfg = PreprocessConfig(features="hu", threshold=200.0, threshold_max=3000.0, body_mask=True)
     sv = sparsify(vol, cfg)
     assert sv.n_sites == 20  # both bones survive: the body is found at -500
     assert sv.stats["dropped_body_mask"] == 0
@@ -105,10 +107,10 @@ def test_body_mask_drops_table():
     arr[3:15, 3:12, 1:9] = 40.0  # body: 12*9*8 = 864
     arr[3:15, 15:17, 0:10] = 300.0  # table, separated by air rows 12..14
     vol = Volume(arr, _affine(), "table.nii")
-    sv = sparsify(vol, PreprocessConfig())
+    sv = sparsify(vol, PreprocessConfig(features="hu"))
     assert sv.n_sites == 864
     assert sv.stats["dropped_body_mask"] == 12 * 2 * 10
-    sv_all = sparsify(vol, PreprocessConfig(body_mask=False))
+    sv_all = sparsify(vol, PreprocessConfig(features="hu", body_mask=False))
     assert sv_all.n_sites == 864 + 240
 
 
@@ -119,7 +121,7 @@ def test_body_mask_keeps_a_nodule_floating_in_a_lung_but_drops_the_table():
     hu[6:24, 11:24, :] = -850.0  # a lung, enclosed by the body wall in every axial slice
     hu[14:17, 16:19, 4:7] = 30.0  # a 27-voxel nodule inside it, touching nothing
     hu[3:27, 2:4, :] = 200.0  # the table, below the body, separated by air
-    sv = sparsify(Volume(hu, _affine(), "lung"), PreprocessConfig(crop=False, threshold=-500))
+    sv = sparsify(Volume(hu, _affine(), "lung"), PreprocessConfig(features="hu", crop=False, threshold=-500))
     kept = {tuple(c) for c in sv.coords.tolist()}
     assert (15, 17, 5) in kept
     assert (10, 3, 5) not in kept
@@ -130,13 +132,13 @@ def test_diagonal_neighbours_are_connected():
     arr = np.full((6, 6, 6), -1000.0, dtype=np.float32)
     arr[1, 1, 1] = arr[2, 2, 2] = arr[3, 3, 3] = 0.0  # one 26-connected chain
     arr[5, 0, 5] = 0.0  # isolated
-    sv = sparsify(Volume(arr, _affine(), "diag.nii"), PreprocessConfig())
+    sv = sparsify(Volume(arr, _affine(), "diag.nii"), PreprocessConfig(features="hu"))
     assert sv.n_sites == 3
 
 
 def test_sparsify_with_spacing_records_grid():
     vol = cube_in_air(shape=(12, 10, 8), lo=(2, 2, 2), hi=(10, 8, 6))
-    sv = sparsify(vol, PreprocessConfig(spacing=[2.0, 2.0, 2.0], crop=False))
+    sv = sparsify(vol, PreprocessConfig(features="hu", spacing=[2.0, 2.0, 2.0], crop=False))
     assert sv.stats["grid_shape_resampled"] == [6, 5, 4]
     assert sv.grid_shape == (6, 5, 4)
     np.testing.assert_allclose(sv.spacing, (2.0, 2.0, 2.0))
@@ -175,7 +177,7 @@ def test_nothing_survives_names_threshold_and_range():
     with pytest.raises(
         ScanError, match=r"no voxels survive the threshold of -500 HU \(HU range of the scan: -1000..-800\)"
     ):
-        sparsify(Volume(arr, _affine(), "air.nii"), PreprocessConfig())
+        sparsify(Volume(arr, _affine(), "air.nii"), PreprocessConfig(features="hu"))
 
 
 def test_nan_never_kept_and_patch_nan_becomes_air():
@@ -183,14 +185,14 @@ def test_nan_never_kept_and_patch_nan_becomes_air():
     arr = vol.array.copy()
     arr[3, 2, 1] = np.nan
     arr[0, 0, 0] = np.nan
-    sv = sparsify(Volume(arr, vol.affine, "nan.nii"), PreprocessConfig(crop=False))
+    sv = sparsify(Volume(arr, vol.affine, "nan.nii"), PreprocessConfig(features="hu", crop=False))
     assert sv.n_sites == 63
     assert np.isfinite(sv.feats).all()
     svp = sparsify(Volume(arr, vol.affine, "nan.nii"), PreprocessConfig(features="patch"))
     assert np.isfinite(svp.feats).all()
     allnan = np.full((3, 3, 3), np.nan, dtype=np.float32)
     with pytest.raises(ScanError, match="all NaN"):
-        sparsify(Volume(allnan, _affine(), "nan.nii"), PreprocessConfig())
+        sparsify(Volume(allnan, _affine(), "nan.nii"), PreprocessConfig(features="hu"))
 
 
 def test_dense_roundtrip_matches_features():
@@ -217,7 +219,7 @@ def test_cache_roundtrip_corrupt_file_and_key_changes(tmp_path):
 
     scan = _write_nifti(tmp_path / "scan.nii.gz", cube_in_air().array)
     cache = tmp_path / "cache"
-    cfg = PreprocessConfig()
+    cfg = PreprocessConfig(features="hu")
     sv1, hit1 = sparsify_cached(scan, cfg, cache)
     sv2, hit2 = sparsify_cached(scan, cfg, cache)
     assert (hit1, hit2) == (False, True)
@@ -232,7 +234,7 @@ def test_cache_roundtrip_corrupt_file_and_key_changes(tmp_path):
     assert not hit3 and sv3.n_sites == 64
     assert sparsify_cached(scan, cfg, cache)[1]
 
-    _, hit4 = sparsify_cached(scan, PreprocessConfig(threshold=-400.0), cache)
+    _, hit4 = sparsify_cached(scan, PreprocessConfig(features="hu", threshold=-400.0), cache)
     assert not hit4 and len(list(cache.glob("*.npz"))) == 2
 
     _write_nifti(scan, cube_in_air(hu=60.0).array)  # same name, new content
