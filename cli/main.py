@@ -12,7 +12,7 @@ import typer
 
 from ctsparse import __version__
 
-from . import benchmark, doctor, evaluate, phantoms, predict, profile, train
+from . import benchmark, doctor, evaluate, phantoms, plan, predict, profile, train
 from .console import State
 
 app = typer.Typer(
@@ -43,6 +43,7 @@ def main(
 
 
 app.command("train")(train.train)
+app.command("plan")(plan.plan)
 app.command("predict")(predict.predict)
 app.command("evaluate")(evaluate.evaluate)
 app.command("profile")(profile.profile)

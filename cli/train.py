@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import (
@@ -21,9 +21,16 @@ from rich.progress import (
 from ctsparse.errors import CtsparseError
 
 from .console import State, console, handles_errors, warn_line
-from .render import fmt_float, fmt_pct, make_table
+from .plan import planning_status, render_planning
+from .render import fmt_float, fmt_pct, make_table, write_text_atomic
+
+if TYPE_CHECKING:
+    from ctsparse.config import Config
 
 RUN_FILES = ("best.pt", "last.pt", "history.csv", "metrics.json", "config.yaml", "split.json")
+# Written by planning, outside RUN_FILES: under --nproc the ranks start after they exist.
+PLANNED = "planned.yaml"  # the resolved config the ranks of --nproc N read
+PLAN_FILES = ("plan.json", PLANNED)
 
 
 def _progress() -> Progress:
@@ -138,6 +145,12 @@ def train(
     ] = 1,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in OUT.")] = False,
+    no_plan: Annotated[
+        bool, typer.Option("--no-plan", help="Without --config: train with the plain defaults, no planning.")
+    ] = False,
+    no_measure: Annotated[
+        bool, typer.Option("--no-measure", help="Plan without timing the model here (estimates instead).")
+    ] = False,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Config override key=value, e.g. train.lr=1e-3.")
     ] = None,
@@ -170,6 +183,18 @@ def train(
         if nproc == 1:
             for f in RUN_FILES:
                 (out / f).unlink(missing_ok=True)
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # not under torchrun: ranks may read planned.yaml
+            for f in PLAN_FILES:
+                (out / f).unlink(missing_ok=True)
+    if config is not None:
+        if main_rank and not resume:
+            console.print(f"config from {config}: no planning (the file wins)", highlight=False)
+    elif not resume and not no_plan:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would plan (and measure) alone
+            raise CtsparseError("under torchrun pass --config (e.g. from `ctsparse plan --out`) or --no-plan")
+        cfg = _plan_run(data, out, device, no_measure, overrides, nproc)
+        if nproc > 1:
+            config = out / PLANNED  # the ranks read the resolved config and never plan themselves
     if nproc > 1:
         argv = [
             str(data),
@@ -234,6 +259,25 @@ def train(
         )
         console.print(f"[yellow]interrupted[/]: last.pt holds {where}; continue with {how}")
     _end_rank(130 if result.interrupted else 0)
+
+
+def _plan_run(
+    data: Path, out: Path, device: str, no_measure: bool, overrides: list[str], nproc: int
+) -> Config:
+    """Plan, show the plan, write OUT/plan.json (and, for --nproc, OUT/planned.yaml); the config."""
+    from ctsparse.plan import plan_dataset, plan_record, plan_yaml, resolve_config, write_plan_json
+
+    for f in PLAN_FILES:  # from an earlier run in this folder
+        (out / f).unlink(missing_ok=True)
+    with planning_status() as on_event:
+        planning = plan_dataset(data, measure=not no_measure, device=device, on_event=on_event)
+    render_planning(planning)
+    cfg = resolve_config(planning.plan.values, overrides)
+    write_plan_json(out / "plan.json", plan_record(planning, cfg, overrides))
+    if nproc > 1:
+        write_text_atomic(out / PLANNED, plan_yaml(planning, cfg))
+    console.print(f"plan and its reasons: {out / 'plan.json'}", highlight=False)
+    return cfg
 
 
 def _end_rank(code: int) -> None:

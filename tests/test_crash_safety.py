@@ -41,6 +41,7 @@ RUN_FILES = {"best.pt", "last.pt", "history.csv", "config.yaml", "split.json", "
 def _cmd(data: Path, out: Path, *extra: str) -> list[str]:
     sets = [x for s in SETS for x in ("--set", s)]
     base = [sys.executable, "-m", "ctsparse", "train", str(data), "--out", str(out), "--device", "cpu"]
+    base.append("--no-plan")  # the defaults plus SETS: a plan could time its way to another kernel
     return [*base, "--threads", "1", "--epochs", str(EPOCHS), *sets, *extra]
 
 

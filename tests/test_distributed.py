@@ -212,6 +212,7 @@ def test_torchrun_two_processes_train_then_resume(tiny_dataset: Path, tmp_path: 
         "train.val_fraction=0.25",
     ]
     args = [str(tiny_dataset), "--out", str(out), "--device", "cpu", "--threads", "1", "--epochs", "2"]
+    args.append("--no-plan")  # under torchrun without --config a rank must not plan alone
     args += [x for s in sets for x in ("--set", s)]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     res = _run([*torchrun, "-m", "ctsparse", "train", *args])

@@ -1,0 +1,306 @@
+"""Facts -> settings: pure rules that turn a fingerprint and device measurements into a plan.
+
+Every rule reads its numbers from the constants below, so that they can be tuned by experiment
+without touching the logic, and every planned value carries the reason it was chosen.
+make_plan(fp, meas, budget) depends on nothing else: the same inputs give the same plan.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ctsparse.config import AugmentConfig, PreprocessConfig
+from ctsparse.plan.fingerprint import PATCH_SIZES, Fingerprint
+from ctsparse.plan.intensity import KIND_TEXT
+from ctsparse.plan.measure import Machine, Measurements
+from ctsparse.plan.records import Plan, Planned
+from ctsparse.plan.summary import median_sites, summarize
+from ctsparse.profiling import format_bytes
+
+# Grid and patch size. The median scan should give the network at most this many sites: a training
+# step of the default network costs roughly 10 µs per site on a 2-core CPU, so 40 k sites is about
+# 0.4 s per scan and step; a GPU takes ten times more in the same time.
+SITE_BUDGET = {"cpu": 40_000, "cuda": 400_000}
+# Coarsest input grid (patch size x in-plane spacing): at 8 mm a 6 mm nodule still fills most of
+# one site; coarser sites average it away. Masks carry shape only and tolerate twice that.
+MAX_INPUT_MM = 8.0
+MAX_INPUT_MM_MASK = 16.0
+PATCH_CANDIDATES = (2, 4)
+PATCH_CANDIDATES_MASK = (2, 4, 8)
+TINY_SITES = 5_000  # a grid this small needs no space-to-depth (k = 1 keeps every voxel a site)
+# Region. Lung fields in at least this share of the scans make a chest CT dataset; a few scans
+# without them (a scout, a head scan filed with the chest) are skipped, not planned for.
+LUNG_SHARE = 0.9
+# The lung check itself accepts 50 mL of air inside the body (ctsparse/regions.py), which sinus or
+# bowel gas can reach; real lungs hold litres, so less than this is not counted as lungs.
+CHEST_LUNG_ML = 300.0
+# Kernel. The cross sees 7 of the 27 neighbours per layer (a smaller receptive field): worth it
+# only for a clear gain in step time.
+CROSS_SPEEDUP = 1.5
+# Batch. Memory per scan x batch within this share of the RAM (or GPU memory), which leaves room
+# for the cache, the data, the validation pass and whatever else runs; and at least this many
+# steps per epoch, or a small dataset gets a handful of updates per epoch.
+BATCH_CHOICES = (2, 4, 8, 16)
+MEMORY_SHARE = 0.25
+MIN_STEPS_PER_EPOCH = 4
+# Schedule. The training loop's time budget (preprocessing into the cache comes on top).
+TRAIN_MINUTES = {"cpu": 10.0, "cuda": 30.0}
+EPOCHS = (10, 100)  # fewer than 10 barely leaves the warm-up; more than 100 is overfitting time
+PATIENCE_SHARE = 1 / 3  # the default config's 10 of 30 epochs
+PATIENCE_MIN = 5
+EVAL_COST = 0.35  # a validation forward costs about a third of a training step
+# Without a measurement (--no-measure): per site and per scan of a training step, erring high.
+STEP_S_PER_SITE = {"cpu": 2e-5, "cuda": 2e-6}
+STEP_BYTES_PER_SITE = 40_000
+# Non-HU values: 20 HU of jitter is 1 % of the default 2000 HU window; the same share of the window.
+JITTER_SHARE = 0.01
+
+
+@dataclass(frozen=True)
+class Budget:
+    device: str = "cpu"
+    memory_bytes: int = 8 << 30  # total RAM or GPU memory; the rules use MEMORY_SHARE of it
+    train_minutes: float = TRAIN_MINUTES["cpu"]
+    site_budget: int = SITE_BUDGET["cpu"]
+
+    @classmethod
+    def for_machine(cls, m: Machine) -> Budget:
+        dev = m.device if m.device in SITE_BUDGET else "cpu"
+        return cls(dev, m.memory_bytes, TRAIN_MINUTES[dev], SITE_BUDGET[dev])
+
+
+def _r(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+def _intensity(fp: Fingerprint, s: dict[str, Any]) -> dict[str, Planned]:
+    d, aug = PreprocessConfig(), AugmentConfig()
+    lo, hi = s["min"]["min"], s["max"]["max"]
+    if fp.kind == "hu":
+        why = (
+            f"values are HU (air at {s['min']['median']:g}, up to {s['max']['median']:g}"
+            f"{', integer-valued' if s['integer_valued'] == fp.n_read else ''})"
+        )
+        return {
+            "preprocess.threshold": Planned(
+                d.threshold, f"{why}: the HU body threshold splits air from tissue"
+            ),
+            "preprocess.window": Planned(
+                d.window, "HU default: air below and metal above it carry no signal"
+            ),
+            "preprocess.hu_center": Planned(d.hu_center, "HU default: the window maps to [-1, 1]"),
+            "preprocess.hu_scale": Planned(d.hu_scale, "HU default: the window maps to [-1, 1]"),
+            "preprocess.body_mask": Planned(True, "HU: the largest component above -500 HU drops the table"),
+            "augment.hu_jitter": Planned(aug.hu_jitter, "HU default: scanners differ by tens of HU"),
+        }
+    prefix = f"values are not HU ({KIND_TEXT[fp.kind]}, range {lo:g}..{hi:g})"
+    thr = _r(fp.data_threshold)
+    norm = "hu_center/hu_scale normalise any values: (value - center) / scale"
+    if fp.kind == "mask":
+        half = (hi - lo) / 2 or 1.0
+        window: list[float] = [lo, hi] if hi > lo else [lo, lo + 1.0]
+        center, scale = _r((lo + hi) / 2), _r(half)
+        how = f"threshold {thr:g}, the midpoint of the mask's two values"
+        norm_why = f"{norm}; here the mask's midpoint and half range map it to -1 and 1"
+        jitter, jitter_why = 0.0, "mask values are labels: no intensity jitter"
+    else:
+        p = s["percentiles"]
+        window = [_r(p["p0.5"]["median"]), _r(p["p99.5"]["median"])]
+        if window[0] >= window[1]:
+            window = [lo, hi] if hi > lo else [lo, lo + 1.0]
+        fg = fp.foreground
+        spread = (fg["p75"] - fg["p25"]) / 1.349 or fg["std"] or (window[1] - window[0]) / 2
+        center, scale = _r(fg["median"]), _r(spread)
+        how = f"threshold {thr:g} (Otsu's cut between background and foreground)"
+        norm_why = f"{norm}; here the foreground's median and spread (IQR / 1.349)"
+        jitter = _r(JITTER_SHARE * (window[1] - window[0]))
+        jitter_why = f"{JITTER_SHARE:.0%} of the value window, as 20 HU is of the 2000 HU window"
+    return {
+        "preprocess.threshold": Planned(thr, f"{prefix}: {how} instead of the HU body threshold"),
+        "preprocess.window": Planned(window, f"{prefix}: the median 0.5 and 99.5 percentiles"),
+        "preprocess.hu_center": Planned(center, norm_why),
+        "preprocess.hu_scale": Planned(scale, norm_why),
+        "preprocess.body_mask": Planned(
+            False, "the body mask is found at -500 HU, which means nothing for non-HU values"
+        ),
+        "augment.hu_jitter": Planned(jitter, jitter_why),
+    }
+
+
+def _region(fp: Fingerprint) -> dict[str, Planned]:
+    if fp.kind != "hu":
+        region = Planned("body", "values are not HU: the lung region is found from HU values")
+    else:
+        lungs = [s.lung_ml or 0.0 for s in fp.scans if s.lungs_found and (s.lung_ml or 0.0) >= CHEST_LUNG_ML]
+        found = f"lungs found in {len(lungs)}/{fp.n_read} read scans"
+        if len(lungs) >= LUNG_SHARE * fp.n_read:
+            ml = sorted(lungs)[len(lungs) // 2]
+            region = Planned(
+                "lungs",
+                f"{found} (median {ml / 1000:.1f} L): a chest CT dataset, so the classifier looks inside "
+                "the lung fields as lung CAD pipelines do (scans without lungs are skipped); "
+                "--set preprocess.region=body keeps the whole body",
+            )
+        else:
+            region = Planned("body", f"{found} (a chest CT dataset needs {LUNG_SHARE:.0%}): the whole body")
+    lungs_on = region.value == "lungs"
+    why = "lung region: one more channel, the round-lesion (dot) filter" if lungs_on else "body region"
+    return {"preprocess.region": region, "preprocess.blob_channel": Planned(lungs_on, why)}
+
+
+def _grid(fp: Fingerprint, region: str, budget: Budget) -> dict[str, Planned]:
+    spacing = [float(v) for v in fp.analysis_spacing]
+    sc = fp.scans
+    ranges = [(min(s.spacing[a] for s in sc), max(s.spacing[a] for s in sc)) for a in range(3)]
+    mixed = any(hi - lo > 0.01 * hi for lo, hi in ranges)
+    txt = " x ".join(f"{v:g}" for v in spacing)
+    if mixed:
+        axes = zip("xyz", ranges, strict=True)
+        rng = ", ".join(f"{a} {lo:.3g}-{hi:.3g}" for a, (lo, hi) in axes if hi > lo)
+        sp_why = f"median of {fp.n_read} read scans ({rng} mm): mixed spacings are resampled to one grid"
+    else:
+        sp_why = f"all {fp.n_read} read scans are {txt} mm: new scans are resampled to it at predict"
+    sites = {k: median_sites(fp, region, k) for k in PATCH_SIZES}
+    inplane = max(spacing[:2])
+    mask = fp.kind == "mask"
+    limit = MAX_INPUT_MM_MASK if mask else MAX_INPUT_MM
+    cands = PATCH_CANDIDATES_MASK if mask else PATCH_CANDIDATES
+    budget_txt = f"the {budget.site_budget:,} site budget ({budget.device})"
+    s1 = sites[1]
+    if s1 is None:
+        k, k_why = 2, "no site counts (no scan could be sparsified at the median spacing): the default 2"
+    elif s1 <= TINY_SITES or (2 * inplane > limit and s1 <= budget.site_budget):
+        k, k_why = 1, f"the median scan keeps {s1:,.0f} voxels at {txt} mm: every voxel is a site"
+    else:
+        allowed = [c for c in cands if c * inplane <= limit] or [cands[0]]
+        fits = [c for c in allowed if (sites[c] or 0) <= budget.site_budget]
+        k = fits[0] if fits else allowed[-1]
+        n_k = sites[k] or 0.0
+        k_why = (
+            f"{k}^3 voxels per site: median {n_k:,.0f} sites per scan, input grid {k * inplane:.1f} mm "
+            f"(limit {limit:g} mm)"
+        )
+        if fits:
+            k_why += f"; the smallest patch within {budget_txt}"
+        else:
+            factor = math.sqrt(n_k / budget.site_budget)
+            new = math.ceil(inplane * factor * 100) / 100
+            spacing[0] = spacing[1] = new
+            sp_why += (
+                f"; in-plane coarsened from {inplane:g} to {new:g} mm: {n_k:,.0f} sites at k={k} exceed "
+                f"{budget_txt} (about {n_k * inplane**2 / new**2:,.0f} after)"
+            )
+    return {
+        "preprocess.spacing": Planned(spacing, sp_why),
+        "preprocess.features": Planned("patch" if k > 1 else "hu", "space-to-depth" if k > 1 else "k = 1"),
+        "preprocess.patch_size": Planned(k, k_why),
+    }
+
+
+def plan_preprocess(fp: Fingerprint, budget: Budget) -> dict[str, Planned]:
+    """The preprocessing part of the plan (what the device measurement runs on)."""
+    s = summarize(fp)
+    out = _intensity(fp, s) | _region(fp)
+    return out | _grid(fp, str(out["preprocess.region"].value), budget)
+
+
+def measure_candidates(fp: Fingerprint, budget: Budget) -> list[tuple[str, int]]:
+    """(kernel, patch size) pairs worth timing: the planned patch size and every other candidate
+    within the input-grid limit and the site budget, each with the cube and the cross kernel."""
+    pre = plan_preprocess(fp, budget)
+    k = int(pre["preprocess.patch_size"].value)
+    region = str(pre["preprocess.region"].value)
+    inplane = max(pre["preprocess.spacing"].value[:2])
+    mask = fp.kind == "mask"
+    limit = MAX_INPUT_MM_MASK if mask else MAX_INPUT_MM
+    sizes = (
+        {k}
+        if k == 1
+        else {k}
+        | {
+            c
+            for c in (PATCH_CANDIDATES_MASK if mask else PATCH_CANDIDATES)
+            if c * inplane <= limit and (median_sites(fp, region, c) or math.inf) <= budget.site_budget
+        }
+    )
+    return [(kernel, c) for c in sorted(sizes) for kernel in ("cube", "cross")]
+
+
+def _kernel(meas: Measurements | None, k: int) -> Planned:
+    if meas is None:
+        return Planned("cube", "not measured: cube, the default (all 27 neighbours)")
+    cube, cross = meas.step("cube", k), meas.step("cross", k)
+    if cube is None or cross is None:
+        missing = "; ".join(meas.errors) or "not measured"
+        return Planned("cube", f"cube and cross not both measured ({missing}): cube, the default")
+    speed = cube.step_s / cross.step_s
+    times = f"{cube.step_s * 1e3:.0f} vs {cross.step_s * 1e3:.0f} ms per scan and step"
+    if speed >= CROSS_SPEEDUP:
+        return Planned("cross", f"cross measured {speed:.2f}x faster than cube ({times})")
+    return Planned("cube", f"cross only {speed:.2f}x faster than cube ({times}; needs {CROSS_SPEEDUP:g}x)")
+
+
+def _training(
+    fp: Fingerprint, meas: Measurements | None, budget: Budget, kernel: str, k: int, region: str
+) -> dict[str, Planned]:
+    fig = meas.step(kernel, k) if meas is not None else None
+    n_sites = median_sites(fp, region, k) or median_sites(fp, "body", k) or 0.0
+    if fig is not None:
+        step, mem, src = fig.step_s, fig.peak_bytes, f"measured on {meas.device if meas else ''}"
+    else:
+        step = n_sites * STEP_S_PER_SITE[budget.device]
+        mem, src = int(n_sites * STEP_BYTES_PER_SITE), f"estimated from {n_sites:,.0f} sites (not measured)"
+    room = budget.memory_bytes * MEMORY_SHARE
+    cap = fp.n_train // MIN_STEPS_PER_EPOCH
+    fits = [b for b in BATCH_CHOICES if b * mem <= room and b <= cap]
+    batch = max(fits) if fits else BATCH_CHOICES[0]
+    b_why = (
+        f"{format_bytes(mem)} per scan ({src}) x {batch} within {MEMORY_SHARE:.0%} of "
+        f"{format_bytes(budget.memory_bytes)}; at most {fp.n_train} train scans / {MIN_STEPS_PER_EPOCH}"
+    )
+    if not fits:
+        b_why += f": none of {list(BATCH_CHOICES)} fits both, the smallest"
+    epoch_s = max(fp.n_train * step + fp.n_val * step * EVAL_COST, 1e-3)
+    budget_s = budget.train_minutes * 60
+    raw = budget_s / epoch_s
+    epochs = min(max(int(raw), EPOCHS[0]), EPOCHS[1])
+    e_why = (
+        f"{budget.train_minutes:g} min / {epoch_s:.1f} s per epoch ({fp.n_train} train scans x "
+        f"{step * 1e3:.0f} ms, {src}, + validation) = {raw:.0f}, within {EPOCHS[0]}..{EPOCHS[1]}"
+    )
+    patience = min(epochs, max(PATIENCE_MIN, round(epochs * PATIENCE_SHARE)))
+    m_why = "the time budget: the run stops at the first epoch boundary that would overrun it"
+    if epochs * epoch_s > budget_s:
+        m_why += f" (after about {max(1, int(raw))} of {epochs} epochs)"
+    return {
+        "train.batch_size": Planned(batch, b_why),
+        "train.epochs": Planned(epochs, e_why),
+        "train.patience": Planned(patience, f"{PATIENCE_SHARE:.0%} of the epochs (at least {PATIENCE_MIN})"),
+        "train.max_minutes": Planned(budget.train_minutes, m_why),
+    }
+
+
+def make_plan(fp: Fingerprint, meas: Measurements | None, budget: Budget) -> Plan:
+    """The plan: every value with its reason (pure: no I/O, no clock, no randomness)."""
+    values = plan_preprocess(fp, budget)
+    k = int(values["preprocess.patch_size"].value)
+    region = str(values["preprocess.region"].value)
+    values["model.kernel"] = _kernel(meas, k)
+    blob = bool(values["preprocess.blob_channel"].value)
+    values["model.input_pooling"] = Planned(
+        blob, "the pooled blob channel reaches the head directly" if blob else "no blob channel"
+    )
+    values |= _training(fp, meas, budget, str(values["model.kernel"].value), k, region)
+    notes = []
+    if fp.kind != "hu":
+        notes.append(str(values["preprocess.threshold"].reason))
+    kinds = summarize(fp)["kinds"]
+    if len(kinds) > 1:
+        notes.append(f"the read scans hold mixed value kinds {kinds}: planned for '{fp.kind}'")
+    if fp.failed:
+        notes.append(f"{len(fp.failed)} selected scans could not be read (first: {fp.failed[0]})")
+    if meas is not None:
+        notes += [f"measurement: {e}" for e in meas.errors]
+    return Plan(values, summarize(fp), bool(meas and meas.steps), tuple(notes))

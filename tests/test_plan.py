@@ -1,0 +1,176 @@
+"""The planner on small real datasets: HU chest phantoms, 0-255 images, binary masks, mixed spacings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ctsparse.config import Config, load_config, to_dict
+from ctsparse.plan import Budget, Fingerprint, Measurements, fingerprint, make_plan, resolve_config
+from ctsparse.plan.intensity import kind_of, otsu
+from ctsparse.plan.measure import StepFigure
+from ctsparse.plan.rules import CROSS_SPEEDUP
+from tests.plan_helpers import write_dataset
+
+BUDGET = Budget(device="cpu", memory_bytes=8 << 30, train_minutes=10.0, site_budget=40_000)
+
+
+@pytest.fixture(scope="module")
+def chest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ctsparse.data.phantoms import generate_phantoms
+
+    root = tmp_path_factory.mktemp("chest")
+    generate_phantoms(root, 6, seed=5, shape=(48, 48, 32), spacing=(7.3, 7.3, 10.0), nodule_mm=(20.0, 30.0))
+    return root
+
+
+@pytest.fixture(scope="module")
+def chest_fp(chest: Path) -> Fingerprint:
+    return fingerprint(chest, max_scans=6)
+
+
+def test_hu_chest_phantoms_plan_hu_defaults_and_the_lung_region(chest_fp: Fingerprint) -> None:
+    fp = chest_fp
+    assert fp.kind == "hu" and fp.n_read == 6
+    assert all(s.lungs_found and (s.lung_ml or 0) > 1000 for s in fp.scans)
+    assert fp.site_threshold == -500.0
+    plan = make_plan(fp, None, BUDGET)
+    v = plan.values
+    assert v["preprocess.threshold"].value == -500.0
+    assert "values are HU" in v["preprocess.threshold"].reason
+    assert v["preprocess.window"].value == [-1000.0, 1000.0]
+    assert v["preprocess.region"].value == "lungs"
+    assert (
+        "lungs found in 6/6" in v["preprocess.region"].reason
+        and "region=body" in v["preprocess.region"].reason
+    )
+    assert v["preprocess.blob_channel"].value is True and v["model.input_pooling"].value is True
+    assert v["preprocess.body_mask"].value is True
+    assert v["model.kernel"].value == "cube" and "not measured" in v["model.kernel"].reason
+    assert not plan.measured and not plan.notes
+    assert all(p.reason for p in v.values())
+    cfg = resolve_config(v)  # every planned value is a valid config value
+    assert cfg.preprocess.region == "lungs"
+
+
+def test_uint8_volumes_get_a_histogram_threshold_and_say_they_are_not_hu(tmp_path: Path) -> None:
+    fp = fingerprint(write_dataset(tmp_path, "uint8"))
+    assert fp.kind == "uint8"
+    assert not any(s.lungs_found for s in fp.scans)
+    v = make_plan(fp, None, BUDGET).values
+    thr = v["preprocess.threshold"].value
+    assert 20 < thr < 120, thr  # between the zero background and the ~150 body
+    reason = v["preprocess.threshold"].reason
+    assert "not HU" in reason and "0-255" in reason and "instead of the HU body threshold" in reason
+    assert 130 < v["preprocess.hu_center"].value < 170
+    assert 5 < v["preprocess.hu_scale"].value < 40
+    lo, hi = v["preprocess.window"].value
+    assert lo == 0 and 180 < hi <= 255
+    assert v["preprocess.region"].value == "body" and v["preprocess.body_mask"].value is False
+    assert v["augment.hu_jitter"].value < 5  # not 20 "HU" on a 0-255 scale
+    assert any("not HU" in n for n in make_plan(fp, None, BUDGET).notes)
+
+
+def test_binary_masks_are_thresholded_at_one_half(tmp_path: Path) -> None:
+    fp = fingerprint(write_dataset(tmp_path, "mask"))
+    assert fp.kind == "mask"
+    v = make_plan(fp, None, BUDGET).values
+    assert v["preprocess.threshold"].value == 0.5
+    assert (
+        "midpoint" in v["preprocess.threshold"].reason and "binary mask" in v["preprocess.threshold"].reason
+    )
+    assert v["preprocess.window"].value == [0.0, 1.0]
+    assert (v["preprocess.hu_center"].value, v["preprocess.hu_scale"].value) == (0.5, 0.5)
+    assert v["augment.hu_jitter"].value == 0.0
+    assert v["preprocess.region"].value == "body"
+
+
+def test_mixed_spacings_are_resampled_to_the_median(tmp_path: Path) -> None:
+    spacings = [(0.8, 0.8, 1.0), (1.0, 1.0, 2.0), (1.2, 1.2, 3.0)]
+    fp = fingerprint(write_dataset(tmp_path, "uint8", spacings))
+    v = make_plan(fp, None, BUDGET).values
+    assert v["preprocess.spacing"].value == [1.0, 1.0, 2.0]
+    assert "mixed spacings are resampled to one grid" in v["preprocess.spacing"].reason
+    assert "0.8-1.2" in v["preprocess.spacing"].reason
+
+
+def test_site_budget_coarsens_the_grid_and_picks_the_patch(tmp_path: Path) -> None:
+    fp = fingerprint(write_dataset(tmp_path, "uint8"))
+    n2 = fp.scans[0].sites["body"]["2"]  # type: ignore[index]
+    roomy = make_plan(fp, None, BUDGET).values
+    assert roomy["preprocess.features"].value == "patch" and roomy["preprocess.patch_size"].value == 2
+    tight = make_plan(fp, None, Budget(site_budget=max(n2 // 40, 10))).values
+    assert tight["preprocess.patch_size"].value == 4  # 4 x 1 mm is within the 8 mm limit
+    assert tight["preprocess.spacing"].value[0] > 1.0 and "coarsened" in tight["preprocess.spacing"].reason
+
+
+def _measured(fp: Fingerprint, cube_s: float, cross_s: float, k: int) -> Measurements:
+    steps = [
+        StepFigure(kernel, k, 5000, k**3, t, [t] * 3, 50 << 20)
+        for kernel, t in (("cube", cube_s), ("cross", cross_s))
+    ]
+    return Measurements("cpu", 2, "s0.nii.gz", None, "body", "RSS", 3.0, steps)
+
+
+def test_make_plan_is_pure_and_survives_json(tmp_path: Path) -> None:
+    fp = fingerprint(write_dataset(tmp_path, "uint8"))
+    meas = _measured(fp, 0.3, 0.1, 2)
+    first = make_plan(fp, meas, BUDGET)
+    assert first == make_plan(fp, meas, BUDGET)
+    again = Fingerprint.from_dict(json.loads(json.dumps(fp.to_dict())))
+    meas2 = Measurements.from_dict(json.loads(json.dumps(meas.to_dict())))
+    assert make_plan(again, meas2, BUDGET).to_dict() == first.to_dict()
+    assert first.values["model.kernel"].value == "cross"
+    assert f"{3.0:.2f}x faster" in first.values["model.kernel"].reason
+    slow = make_plan(fp, _measured(fp, 0.3, 0.3 / (CROSS_SPEEDUP - 0.1), 2), BUDGET)
+    assert slow.values["model.kernel"].value == "cube"
+
+
+def test_batch_and_epochs_follow_the_measurement(tmp_path: Path) -> None:
+    fp = fingerprint(write_dataset(tmp_path, "uint8", n_per_class=10))
+    assert fp.n_train == 16
+    fast = make_plan(fp, _measured(fp, 0.01, 0.01, 2), BUDGET).values
+    assert fast["train.batch_size"].value == 4  # capped by 16 train scans / 4
+    assert fast["train.epochs"].value == 100 and fast["train.max_minutes"].value == 10.0
+    slow = make_plan(fp, _measured(fp, 10.0, 10.0, 2), BUDGET).values
+    assert slow["train.epochs"].value == 10 and "after about" in slow["train.max_minutes"].reason
+    assert 5 <= slow["train.patience"].value <= 10
+    tiny_ram = make_plan(fp, _measured(fp, 0.01, 0.01, 2), Budget(memory_bytes=600 << 20)).values
+    assert tiny_ram["train.batch_size"].value == 2  # 50 MiB per scan x 4 > 25 % of 600 MiB
+
+
+def test_set_overrides_a_planned_key(tmp_path: Path) -> None:
+    fp = fingerprint(write_dataset(tmp_path, "mask"))
+    plan = make_plan(fp, None, BUDGET)
+    cfg = resolve_config(plan.values, ["preprocess.threshold=0.25", "train.epochs=3"])
+    assert cfg.preprocess.threshold == 0.25 and cfg.train.epochs == 3
+    assert cfg.preprocess.hu_scale == plan.values["preprocess.hu_scale"].value  # the rest is planned
+    assert to_dict(resolve_config({})) == to_dict(Config())
+
+
+def test_value_kinds_and_otsu() -> None:
+    assert kind_of(-1024, 3071, -500, 500, True, False) == "hu"
+    assert kind_of(0, 255, 60, 70, True, False) == "uint8"
+    assert kind_of(0, 1, 0.3, 0.2, False, False) == "unit"
+    assert kind_of(-4, 5, 0.01, 1.0, False, False) == "zscore"
+    assert kind_of(0, 1, 0.2, 0.4, True, True) == "mask"
+    assert kind_of(0, 4095, 900, 600, True, False) == "other"
+    two_modes = np.r_[np.full(700, 10.0), np.full(300, 200.0)]
+    assert 10 < otsu(two_modes) < 200
+
+
+def test_plan_yaml_loads_as_a_config(tmp_path: Path) -> None:
+    from ctsparse.plan import Planning, plan_yaml
+
+    fp = fingerprint(write_dataset(tmp_path, "uint8"))
+    planning = Planning(fp, None, BUDGET, make_plan(fp, None, BUDGET))
+    (tmp_path / "plan.yaml").write_text(plan_yaml(planning))
+    cfg = load_config(tmp_path / "plan.yaml")
+    assert cfg.preprocess.threshold == planning.plan.values["preprocess.threshold"].value
+    assert "# values are not HU" in (tmp_path / "plan.yaml").read_text()
+    full = resolve_config(planning.plan.values, ["train.lr=0.01"])
+    (tmp_path / "full.yaml").write_text(plan_yaml(planning, full))
+    assert to_dict(load_config(tmp_path / "full.yaml")) == to_dict(full)
