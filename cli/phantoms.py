@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from enum import Enum
@@ -79,6 +80,14 @@ def phantoms(
     nodule_mm: Annotated[
         str, typer.Option(callback=_check_range, help="Nodule diameter range in mm, MIN-MAX.")
     ] = "6-20",
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Processes writing scans (default: the CPU count, at most 8); the "
+            "scans do not depend on it.",
+        ),
+    ] = None,
 ) -> None:
     """Write synthetic chest CT phantoms with real HU values and a labels.csv (path,label)."""
     from ctsparse.data.phantoms import generate_phantoms, phantom_labels
@@ -98,6 +107,7 @@ def phantoms(
             balanced=balanced,
             vary_geometry=vary,
             nodule_mm=_range(nodule_mm),
+            workers=workers or min(os.cpu_count() or 1, 8),
         )
     elapsed = time.perf_counter() - start
     counts = Counter(phantom_labels(n, seed, names, balanced))

@@ -179,6 +179,16 @@ def test_generate_nifti_writes_scans_and_labels(tmp_path: Path) -> None:
     np.testing.assert_allclose(np.asarray(img.dataobj, dtype=np.float32), expected.array, atol=1.0)
 
 
+def test_worker_processes_write_the_same_scans(tmp_path: Path) -> None:
+    kw = {"shape": (24, 24, 12), "spacing": (14.0, 14.0, 25.0)}
+    one = generate_phantoms(tmp_path / "one", 4, 3, **kw)
+    two = generate_phantoms(tmp_path / "two", 4, 3, workers=2, **kw)
+    assert [p.name for p in one] == [p.name for p in two]
+    for a, b in zip(one, two, strict=True):
+        assert np.array_equal(np.asarray(nib.load(a).dataobj), np.asarray(nib.load(b).dataobj))
+    assert (tmp_path / "one" / "labels.csv").read_text() == (tmp_path / "two" / "labels.csv").read_text()
+
+
 def test_generate_dicom_writes_series_folders(tmp_path: Path) -> None:
     paths = generate_phantoms(tmp_path, 2, seed=2, fmt="dicom", shape=(24, 24, 8), spacing=(14.6, 14.6, 40.0))
     rows = _rows(tmp_path / "labels.csv")

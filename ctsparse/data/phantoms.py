@@ -200,6 +200,7 @@ def generate_phantoms(
     vary_geometry: bool = True,
     nodule_mm: tuple[float, float] = (6.0, 20.0),
     first_index: int = 0,
+    workers: int = 1,
 ) -> list[Path]:
     """Write n phantoms and `labels.csv` (path,label; paths relative to out_dir) into out_dir.
 
@@ -216,25 +217,50 @@ def generate_phantoms(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     labels = phantom_labels(n, seed, classes, balanced, first_index)
-    written: list[Path] = []
-    for i, label in zip(range(first_index, first_index + n), labels, strict=True):
-        source = f"phantom:{seed}/{i}"
-        vol = make_phantom(
-            label,
-            case_rng(seed, i),
-            shape=shape,
-            spacing=spacing,
-            vary_geometry=vary_geometry,
-            nodule_mm=nodule_mm,
-            source=source,
-        )
-        written.append(write_phantom(vol, out / f"case_{i:04d}", fmt))
+    jobs = [
+        (label, seed, i, out / f"case_{i:04d}", fmt, shape, spacing, vary_geometry, nodule_mm)
+        for i, label in zip(range(first_index, first_index + n), labels, strict=True)
+    ]
+    if workers > 1 and n > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: children must not inherit the parent's thread pools; each case is self-seeded, so
+        # the files are the same whatever the number of workers
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(workers, n), mp_context=ctx) as pool:
+            written = list(pool.map(_write_case, *zip(*jobs, strict=True)))
+    else:
+        written = [_write_case(*job) for job in jobs]
     with open(out / "labels.csv", "w", newline="") as fh:
         rows = csv.writer(fh)
         rows.writerow(["path", "label"])
         for path, label in zip(written, labels, strict=True):
             rows.writerow([path.relative_to(out).as_posix(), label])
     return written
+
+
+def _write_case(
+    label: str,
+    seed: int,
+    index: int,
+    stem: Path,
+    fmt: Literal["nifti", "dicom"],
+    shape: Sequence[int] | None,
+    spacing: Sequence[float],
+    vary_geometry: bool,
+    nodule_mm: tuple[float, float],
+) -> Path:
+    vol = make_phantom(
+        label,
+        case_rng(seed, index),
+        shape=shape,
+        spacing=spacing,
+        vary_geometry=vary_geometry,
+        nodule_mm=nodule_mm,
+        source=f"phantom:{seed}/{index}",
+    )
+    return write_phantom(vol, stem, fmt)
 
 
 def write_phantom(vol: Volume, stem: Path, fmt: Literal["nifti", "dicom"]) -> Path:
