@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from ctsparse.config import PreprocessConfig, TrainConfig
 from ctsparse.data.datasets import Sample, discover_dataset, stratified_split
-from ctsparse.errors import CtsparseError
+from ctsparse.errors import CtsparseError, DatasetError
 from ctsparse.plan.intensity import Intensity, measure_intensity, otsu
 from ctsparse.volume import Volume
 
@@ -172,7 +172,6 @@ def fingerprint(
     Raises:
         DatasetError: no dataset, or none of the selected scans could be read.
     """
-    from ctsparse.errors import DatasetError
     from ctsparse.io import read_volume
 
     emit = on_event or (lambda kind, info: None)

@@ -20,9 +20,10 @@ from ctsparse.plan.summary import median_sites, summarize
 from ctsparse.profiling import format_bytes
 
 # Grid and patch size. The median scan should give the network at most this many sites: a training
-# step of the default network costs roughly 10 µs per site on a 2-core CPU, so 40 k sites is about
-# 0.4 s per scan and step; a GPU takes ten times more in the same time.
-SITE_BUDGET = {"cpu": 40_000, "cuda": 400_000}
+# step of the default network took about 30 µs per site with the cube kernel and 12 µs with the
+# cross on a 2-core CPU (phantoms, 2^3 patches), so 30 k sites is about 1 s per scan and step; a
+# GPU is assumed to take ten times more in the same time.
+SITE_BUDGET = {"cpu": 30_000, "cuda": 300_000}
 # Coarsest input grid (patch size x in-plane spacing): at 8 mm a 6 mm nodule still fills most of
 # one site; coarser sites average it away. Masks carry shape only and tolerate twice that.
 MAX_INPUT_MM = 8.0
@@ -51,9 +52,10 @@ EPOCHS = (10, 100)  # fewer than 10 barely leaves the warm-up; more than 100 is 
 PATIENCE_SHARE = 1 / 3  # the default config's 10 of 30 epochs
 PATIENCE_MIN = 5
 EVAL_COST = 0.35  # a validation forward costs about a third of a training step
-# Without a measurement (--no-measure): per site and per scan of a training step, erring high.
-STEP_S_PER_SITE = {"cpu": 2e-5, "cuda": 2e-6}
-STEP_BYTES_PER_SITE = 40_000
+# Without a measurement (--no-measure): per site and per scan of a training step, erring high
+# (measured on the 2-core CPU: 30 µs and 1-1.3 kB per site with the cube kernel).
+STEP_S_PER_SITE = {"cpu": 4e-5, "cuda": 4e-6}
+STEP_BYTES_PER_SITE = 4_000
 # Non-HU values: 20 HU of jitter is 1 % of the default 2000 HU window; the same share of the window.
 JITTER_SHARE = 0.01
 
@@ -103,6 +105,7 @@ def _intensity(fp: Fingerprint, s: dict[str, Any]) -> dict[str, Planned]:
         window: list[float] = [lo, hi] if hi > lo else [lo, lo + 1.0]
         center, scale = _r((lo + hi) / 2), _r(half)
         how = f"threshold {thr:g}, the midpoint of the mask's two values"
+        window_why = "the mask's two values"
         norm_why = f"{norm}; here the mask's midpoint and half range map it to -1 and 1"
         jitter, jitter_why = 0.0, "mask values are labels: no intensity jitter"
     else:
@@ -114,12 +117,13 @@ def _intensity(fp: Fingerprint, s: dict[str, Any]) -> dict[str, Planned]:
         spread = (fg["p75"] - fg["p25"]) / 1.349 or fg["std"] or (window[1] - window[0]) / 2
         center, scale = _r(fg["median"]), _r(spread)
         how = f"threshold {thr:g} (Otsu's cut between background and foreground)"
+        window_why = "the median 0.5 and 99.5 percentiles"
         norm_why = f"{norm}; here the foreground's median and spread (IQR / 1.349)"
         jitter = _r(JITTER_SHARE * (window[1] - window[0]))
         jitter_why = f"{JITTER_SHARE:.0%} of the value window, as 20 HU is of the 2000 HU window"
     return {
         "preprocess.threshold": Planned(thr, f"{prefix}: {how} instead of the HU body threshold"),
-        "preprocess.window": Planned(window, f"{prefix}: the median 0.5 and 99.5 percentiles"),
+        "preprocess.window": Planned(window, f"{prefix}: {window_why}"),
         "preprocess.hu_center": Planned(center, norm_why),
         "preprocess.hu_scale": Planned(scale, norm_why),
         "preprocess.body_mask": Planned(
@@ -225,7 +229,8 @@ def measure_candidates(fp: Fingerprint, budget: Budget) -> list[tuple[str, int]]
             if c * inplane <= limit and (median_sites(fp, region, c) or math.inf) <= budget.site_budget
         }
     )
-    return [(kernel, c) for c in sorted(sizes) for kernel in ("cube", "cross")]
+    # the planned size first and the cube (the larger) before the cross: see measure_device
+    return [(kernel, c) for c in sorted(sizes, key=lambda c: c != k) for kernel in ("cube", "cross")]
 
 
 def _kernel(meas: Measurements | None, k: int) -> Planned:
@@ -248,7 +253,9 @@ def _training(
     fig = meas.step(kernel, k) if meas is not None else None
     n_sites = median_sites(fp, region, k) or median_sites(fp, "body", k) or 0.0
     if fig is not None:
-        step, mem, src = fig.step_s, fig.peak_bytes, f"measured on {meas.device if meas else ''}"
+        # the largest peak at this patch size: the cube's, measured first, bounds the cross's
+        peak = max(s.peak_bytes for s in meas.steps if s.patch_size == k) if meas else fig.peak_bytes
+        step, mem, src = fig.step_s, peak, f"measured on {meas.device if meas else ''}"
     else:
         step = n_sites * STEP_S_PER_SITE[budget.device]
         mem, src = int(n_sites * STEP_BYTES_PER_SITE), f"estimated from {n_sites:,.0f} sites (not measured)"
