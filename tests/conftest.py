@@ -35,30 +35,68 @@ def _no_debug_leak() -> None:
     State.debug = False
 
 
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def preserved_threads() -> Iterator[None]:
+    """Thread settings as they were when the block began: torch's count, the thread variables,
+    every loaded BLAS/OpenMP pool (threadpoolctl) and MinkowskiEngine's CPU_COUNT.
+
+    `--threads`, `configure_threads` and `set_threads` change all of them process-wide, and a
+    test that leaves torch on one thread or OpenBLAS capped would slow or alter every later test.
+    torch and ME are only looked at when already imported, so I/O tests stay light.
+    """
+    from threadpoolctl import ThreadpoolController
+
+    torch = sys.modules.get("torch")
+    me = sys.modules.get("MinkowskiEngine")
+    manager = sys.modules[me.CoordinateManager.__module__] if me is not None else None
+    env = {k: os.environ.get(k) for k in THREAD_VARS}
+    n_torch = torch.get_num_threads() if torch is not None else None
+    cpu_count = manager.CPU_COUNT if manager is not None else None
+    pools = {(c.internal_api, c.filepath): c.num_threads for c in ThreadpoolController().lib_controllers}
+    try:
+        yield
+    finally:
+        if torch is not None and n_torch is not None:
+            torch.set_num_threads(n_torch)
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if manager is not None:
+            manager.CPU_COUNT = cpu_count
+        for c in ThreadpoolController().lib_controllers:
+            n = pools.get((c.internal_api, c.filepath))
+            if n is not None and c.num_threads != n:
+                c.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads() -> Iterator[None]:
+    """Every test ends with the thread settings it started with (see preserved_threads)."""
+    with preserved_threads():
+        yield
+
+
 @contextlib.contextmanager
 def single_thread() -> Iterator[None]:
     """torch and MinkowskiEngine on one CPU thread for the block, then as before.
 
-    ME's CPU kernels give bitwise-identical results run to run only on one thread (see README,
-    "Reproducibility"), and ME resets OpenMP's thread count itself (see device.set_threads).
+    ME's CPU kernels give bitwise-identical results run to run only on one thread (see
+    docs/design.md, "Reproducibility"), and ME resets OpenMP's thread count itself (see
+    device.set_threads).
     """
-    import MinkowskiEngine as ME
-    import torch
+    import MinkowskiEngine  # noqa: F401 - so that preserved_threads saves its CPU_COUNT
+    import torch  # noqa: F401
 
     from ctsparse.device import set_threads
 
-    manager = sys.modules[ME.CoordinateManager.__module__]
-    saved = (torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS"), manager.CPU_COUNT)
-    set_threads(1)
-    try:
+    with preserved_threads():
+        set_threads(1)
         yield
-    finally:
-        torch.set_num_threads(saved[0])
-        if saved[1] is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved[1]
-        manager.CPU_COUNT = saved[2]
 
 
 @pytest.fixture

@@ -44,3 +44,29 @@ def test_threads_for_torch_openmp_and_the_blas_me_links() -> None:
         assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
     finally:
         set_threads(before)
+
+
+def test_preserved_threads_restores_what_a_test_changed() -> None:
+    """The guard every test runs in (conftest._restore_threads): torch's count, the thread
+    variables, ME's CPU_COUNT and the BLAS pools come back as they were."""
+    import sys
+
+    import MinkowskiEngineBackend._C as backend  # noqa: F401 - loads the OpenBLAS ME links
+    from conftest import preserved_threads
+    from threadpoolctl import threadpool_limits
+
+    from ctsparse.device import set_threads
+
+    manager = sys.modules[ME.CoordinateManager.__module__]
+    with preserved_threads():  # the outer one puts back whatever this test found
+        torch.set_num_threads(2)
+        manager.CPU_COUNT = 2
+        threadpool_limits(limits=2, user_api="blas")
+        os.environ.pop("OMP_NUM_THREADS", None)
+        os.environ["OPENBLAS_NUM_THREADS"] = "2"
+        with preserved_threads():
+            set_threads(1)  # what `--threads 1` does
+            assert torch.get_num_threads() == 1 and set(_blas_pools().values()) == {1}
+        assert torch.get_num_threads() == 2 and manager.CPU_COUNT == 2
+        assert "OMP_NUM_THREADS" not in os.environ and os.environ["OPENBLAS_NUM_THREADS"] == "2"
+        assert set(_blas_pools().values()) == {2}

@@ -188,8 +188,20 @@ def test_nan_never_kept_and_patch_nan_becomes_air():
     sv = sparsify(Volume(arr, vol.affine, "nan.nii"), PreprocessConfig(features="hu", crop=False))
     assert sv.n_sites == 63
     assert np.isfinite(sv.feats).all()
-    svp = sparsify(Volume(arr, vol.affine, "nan.nii"), PreprocessConfig(features="patch"))
-    assert np.isfinite(svp.feats).all()
+    # a NaN voxel inside a kept patch block takes the value of air: the same features, channel
+    # for channel, as the scan with -1000 HU written there
+    air = arr.copy()
+    air[np.isnan(air)] = -1000.0
+    cfg = PreprocessConfig(features="patch", patch_size=2)
+    svp = sparsify(Volume(arr, vol.affine, "nan.nii"), cfg)
+    ref = sparsify(Volume(air, vol.affine, "air.nii"), cfg)
+    np.testing.assert_array_equal(svp.coords, ref.coords)
+    np.testing.assert_array_equal(svp.feats, ref.feats)
+    # the NaN corner (3, 2, 1) is channel 0 of the first block; the other 7 voxels are the cube
+    (first,) = np.flatnonzero((svp.coords == 0).all(1))
+    lo, hi = cfg.window or (-np.inf, np.inf)
+    expected = (np.clip([-1000.0, 40.0], lo, hi) - cfg.hu_center) / cfg.hu_scale
+    np.testing.assert_allclose(svp.feats[first], [expected[0], *[expected[1]] * 7], rtol=1e-6)
     allnan = np.full((3, 3, 3), np.nan, dtype=np.float32)
     with pytest.raises(ScanError, match="all NaN"):
         sparsify(Volume(allnan, _affine(), "nan.nii"), PreprocessConfig(features="hu"))
