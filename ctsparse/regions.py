@@ -53,11 +53,46 @@ class NoRegionError(ValueError):
     """The requested region is not in the scan (e.g. no lungs in a head CT)."""
 
 
-def _ball(radius_mm: float, spacing: Sequence[float]) -> BoolArray:
-    r = [max(int(np.floor(radius_mm / s)), 0) for s in spacing]
-    grids = np.ogrid[tuple(slice(-n, n + 1) for n in r)]
-    dist = sum((g * s / max(radius_mm, 1e-6)) ** 2 for g, s in zip(grids, spacing, strict=True))
-    return np.asarray(dist <= 1.0)
+def _ball_steps(radius_mm: float, spacing: Sequence[float], cover: bool = False) -> list[BoolArray]:
+    """3x3x3 structuring elements whose successive dilations approximate a ball of `radius_mm`.
+
+    Crosses and cubes alternate (an octagon-like polyhedron, within a voxel of the ball), and an
+    axis drops out once its radius in voxels is reached, so anisotropic voxels get an ellipsoid.
+    A few passes with 7-27 neighbours cost far less than one with a ball's hundreds: at 2 mm a
+    10 mm closing takes 0.4 s instead of 2.2 s, and at 0.7 mm the ball would have 12 k offsets.
+    `cover`: round the radius in voxels up, so that every voxel within `radius_mm` is reached.
+    """
+    rounding = np.ceil if cover else np.floor
+    radius = [int(rounding(radius_mm / s)) for s in spacing]
+    steps = []
+    for i in range(max(radius, default=0)):
+        active = [a for a in range(3) if i < radius[a]]
+        st = np.zeros((3, 3, 3), dtype=bool)
+        for off in np.ndindex(3, 3, 3):
+            d = [o - 1 for o in off]
+            if any(d[a] for a in range(3) if a not in active):
+                continue
+            if i % 2 == 0 and sum(map(abs, d)) > 1:  # the cross: centre and face neighbours
+                continue
+            st[off] = True
+        steps.append(st)
+    return steps
+
+
+def _dilate(mask: BoolArray, steps: list[BoolArray]) -> BoolArray:
+    from scipy import ndimage
+
+    for st in steps:
+        mask = ndimage.binary_dilation(mask, structure=st)
+    return mask
+
+
+def _erode(mask: BoolArray, steps: list[BoolArray]) -> BoolArray:
+    from scipy import ndimage
+
+    for st in steps:
+        mask = ndimage.binary_erosion(mask, structure=st, border_value=1)
+    return mask
 
 
 def _lung_labels(
@@ -82,8 +117,10 @@ def _lung_labels(
     surf = np.bincount(lab[surface], minlength=n + 1)
     near = np.zeros(n + 1, dtype=np.int64)
     if not body.all():
-        depth = ndimage.distance_transform_edt(body, sampling=sp)
-        near = np.bincount(lab[surface & (depth <= OUTLINE_MM)], minlength=n + 1)
+        # body voxels within OUTLINE_MM of the outside: the outside dilated by that much (an
+        # approximate ball, see _ball_steps; a distance transform of the box costs 4x more)
+        close_to_outside = _dilate(~body, _ball_steps(OUTLINE_MM, sp, cover=True))
+        near = np.bincount(lab[surface & close_to_outside], minlength=n + 1)
     objects = ndimage.find_objects(lab)
     ok: dict[int, float] = {}
     why: dict[int, str] = {}
@@ -136,11 +173,12 @@ def lung_region(
     box = bounding_box(air)
     if box is None:
         raise NoRegionError("no air inside the body: no lungs in this scan")
-    ball = _ball(closing_mm, sp)
+    steps = _ball_steps(closing_mm, sp)
+    reach = [int(np.floor(closing_mm / s)) for s in sp]
     band = [int(np.ceil(OUTLINE_MM / s)) for s in sp]
     # the box around the air, padded so that the closing does not erode at the array border and
     # the outside within OUTLINE_MM of the air is in it
-    pad = [max(b // 2, w) + 2 for b, w in zip(ball.shape, band, strict=True)]
+    pad = [max(r, w) + 2 for r, w in zip(reach, band, strict=True)]
     lo = [max(a - p, 0) for (a, _), p in zip(box, pad, strict=True)]
     hi = [min(b + p, n) for (_, b), p, n in zip(box, pad, hu.shape, strict=True)]
     sl = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
@@ -150,7 +188,7 @@ def lung_region(
     keep[_lung_labels(lab, n, body[sl], body_area_cm2, lo[2], sp)] = True
     lungs = keep[lab]
     padded = np.pad(lungs, [(p, p) for p in pad])
-    closed = ndimage.binary_closing(padded, structure=ball)
+    closed = _erode(_dilate(padded, steps), steps)
     closed = closed[tuple(slice(p, -p) for p in pad)]
     closed = fill_holes_in_plane(closed)
     closed = ndimage.binary_dilation(closed, structure=ndimage.generate_binary_structure(3, 1))
