@@ -103,3 +103,67 @@ def write_enhanced_ct(volume: Volume, path: Path, *, seed: int = 0) -> Path:
     ds.PixelData = np.stack(pixels).tobytes()
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def encode_jpeg_lossless(image: np.ndarray, precision: int = 16) -> bytes:
+    """A JPEG lossless (process 14, selection value 1: predict from the left) codestream of one
+    unsigned grayscale image (ITU-T T.81 annex H), for DICOM transfer syntax 1.2.840.10008.1.2.4.70.
+
+    pydicom can write RLE, JPEG-LS and JPEG 2000 but no lossless JPEG, the syntax most archived
+    CT uses; this plain encoder (one Huffman table: every difference category a 5-bit code) lets
+    the tests decode real lossless JPEG through the same plugins as a scanner's files.
+    """
+    img = np.asarray(image, dtype=np.int64)
+    rows, cols = img.shape
+    assert img.min() >= 0 and img.max() < 1 << precision
+    pred = np.empty_like(img)
+    pred[0, 0] = 1 << (precision - 1)
+    pred[0, 1:] = img[0, :-1]  # first line: the left neighbour
+    pred[1:, 0] = img[:-1, 0]  # first column: the sample above
+    pred[1:, 1:] = img[1:, :-1]  # everywhere else: the left neighbour (Ra)
+    bits: list[str] = []
+    for d in (img - pred).ravel().tolist():
+        ssss = abs(d).bit_length()
+        bits.append(format(ssss, "05b"))  # canonical codes: category s -> the 5-bit code s
+        if ssss:
+            bits.append(format(d if d > 0 else (d - 1) & ((1 << ssss) - 1), f"0{ssss}b"))
+    stream = "".join(bits)
+    stream += "1" * (-len(stream) % 8)
+    scan = bytearray()
+    for i in range(0, len(stream), 8):
+        byte = int(stream[i : i + 8], 2)
+        scan.append(byte)
+        if byte == 0xFF:
+            scan.append(0x00)  # byte stuffing
+    counts = [0] * 16
+    counts[4] = 17  # 17 categories (0..16), all of code length 5
+    dht = bytes([0x00, *counts, *range(17)])
+    sof = bytes([precision, rows >> 8, rows & 255, cols >> 8, cols & 255, 1, 1, 0x11, 0])
+    sos = bytes([1, 1, 0x00, 1, 0, 0])  # one component, table 0, predictor 1, point transform 0
+
+    def segment(marker: int, body: bytes) -> bytes:
+        return bytes([0xFF, marker, (len(body) + 2) >> 8, (len(body) + 2) & 255]) + body
+
+    return (
+        b"\xff\xd8" + segment(0xC3, sof) + segment(0xC4, dht) + segment(0xDA, sos) + bytes(scan) + b"\xff\xd9"
+    )
+
+
+def recompress_series(
+    folder: Path, transfer_syntax: str, encode: Callable[[np.ndarray], bytes], **header: object
+) -> None:
+    """Rewrite every file of a series folder with its pixels as `encode(stored pixels)`, one
+    fragment per frame, under `transfer_syntax`; `header` sets e.g. Bits* and Rescale*."""
+    from pydicom.encaps import encapsulate
+
+    for path in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(path)
+        hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        for key, value in header.items():
+            setattr(ds, key, value)
+        stored = np.round((hu - float(ds.RescaleIntercept)) / float(ds.RescaleSlope))
+        ds.PixelData = encapsulate([encode(stored)])
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
+        ds.save_as(path, enforce_file_format=True)
