@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from ctsparse.benchmark import phantom_at, threshold_cases
-from ctsparse.collate import collate_sparse
 from ctsparse.config import load_config
 from ctsparse.device import limit_blas_threads, set_threads
 from ctsparse.models import create_model
+from ctsparse.models.sparse import collate_sparse
 
 
 def main() -> None:

@@ -88,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     from ctsparse.predict import predict
     from ctsparse.sparsify import sparsify
     from ctsparse.training.checkpoint import build_from_checkpoint
-    from ctsparse.training.epoch import stride_multiple
 
     set_threads(args.threads)  # torch, ME's OpenMP and the BLAS behind ME's convolutions
     source = ensure_series(args.folder, 300, 512)
@@ -101,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def forward(sv: Any) -> Any:
         with torch.no_grad():
-            batch = collate([sv], None, cfg.model.backend, dev, stride_multiple(cfg))
+            batch = collate([sv], None, cfg.model, dev)
             return torch.softmax(model(batch.inputs).float(), dim=1).numpy()[0]
 
     def pipeline(read_spacing: Any) -> Callable[[], dict[str, Any]]:

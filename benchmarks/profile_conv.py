@@ -41,11 +41,12 @@ import numpy as np
 import torch
 
 from ctsparse.benchmark import median_seconds, phantom_at, threshold_cases
-from ctsparse.collate import collate_dense, collate_sparse
 from ctsparse.config import load_config
 from ctsparse.device import limit_blas_threads, set_threads
 from ctsparse.models import create_model
-from ctsparse.models.kernels import CROSS_OFFSETS
+from ctsparse.models.dense import collate_dense, stride_multiple
+from ctsparse.models.minkowski import CROSS_OFFSETS
+from ctsparse.models.sparse import collate_sparse
 
 BONE_HU = 200.0
 
@@ -247,7 +248,7 @@ def main() -> None:
             torch.manual_seed(0)
             smodel = create_model(replace(mcfg, backend="sparse"), sv.n_channels, 2).eval()
             dmodel = create_model(replace(mcfg, backend="dense"), sv.n_channels, 2).eval()
-            multiple = 2 ** (len(mcfg.widths) - 1)
+            multiple = stride_multiple(mcfg)
             dev = torch.device("cpu")
             sconvs = first_stage_convs(smodel, collate_sparse([sv], dev), ME.MinkowskiConvolution)
             dconvs = first_stage_convs(dmodel, collate_dense([sv], dev, multiple), torch.nn.Conv3d)

@@ -31,14 +31,16 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ctsparse.collate import collate_dense, collate_sparse
 from ctsparse.config import ModelConfig, PreprocessConfig
-from ctsparse.models import create_model
+from ctsparse.models.registry import get_engine
 from ctsparse.profiling import peak_memory
 from ctsparse.sparse import SparseVolume, load_sparse, save_sparse
 from ctsparse.volume import Volume
 
 Memory = Literal["subprocess", "inprocess"]
+# The question a benchmark answers: this engine against that baseline, on the same input. Row
+# columns are prefixed with the engine's name; speedup is baseline time / subject time.
+SUBJECT, BASELINE = "sparse", "dense"
 
 
 def _sync(dev: torch.device) -> None:
@@ -65,10 +67,12 @@ def median_seconds(fn: Callable[[], Any], runs: int, warmup: int = 1, dev: str =
 
 
 def _runner(
-    model: torch.nn.Module, backend: str, sv: SparseVolume, dev: torch.device, multiple: int
+    model: torch.nn.Module, cfg: ModelConfig, sv: SparseVolume, dev: torch.device
 ) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    engine = get_engine(cfg.backend)
+
     def make() -> Any:
-        return collate_sparse([sv], dev) if backend == "sparse" else collate_dense([sv], dev, multiple)
+        return engine.inputs([sv], dev, cfg)
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     target = torch.zeros(1, dtype=torch.long, device=dev)
@@ -98,8 +102,9 @@ def compare(
     train_step: bool = True,
     memory: Memory = "inprocess",
 ) -> dict[str, Any]:
-    """Time and memory of both backends on one input; dense is skipped (with the reason) if it fails."""
-    multiple = 2 ** (len(model_cfg.widths) - 1)
+    """Time and memory of SUBJECT and BASELINE on one input; an engine that fails (the dense grid
+    does not fit in memory) gets its reason instead of figures."""
+    multiple = get_engine(BASELINE).stride_multiple(model_cfg)
     grid = np.asarray(sv.grid_shape)
     dense_grid = (-(-grid // multiple) * multiple).tolist()
     row: dict[str, Any] = {
@@ -112,10 +117,11 @@ def compare(
         "device": str(dev),
         "memory_method": memory,
     }
-    for backend in ("sparse", "dense"):
+    for backend in (SUBJECT, BASELINE):
+        cfg = replace(model_cfg, backend=backend)
         torch.manual_seed(0)
-        model = create_model(replace(model_cfg, backend=backend), sv.n_channels, 2).to(dev)
-        forward, step = _runner(model, backend, sv, dev, multiple)
+        model = get_engine(backend).build(cfg, sv.n_channels, 2).to(dev)
+        forward, step = _runner(model, cfg, sv, dev)
         try:
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
@@ -136,12 +142,12 @@ def compare(
         except (RuntimeError, MemoryError) as exc:  # e.g. the dense grid does not fit in memory
             row[f"{backend}_error"] = str(exc).splitlines()[0][:200]
         del model, forward, step
-    if "sparse_forward_s" in row and "dense_forward_s" in row:
-        row["speedup"] = row["dense_forward_s"] / row["sparse_forward_s"]
-        row["ideal_sparse_s"] = sv.occupancy * row["dense_forward_s"]
-        row["sparse_over_ideal"] = (
-            row["sparse_forward_s"] / row["ideal_sparse_s"] if row["ideal_sparse_s"] else None
-        )
+    subject, baseline = row.get(f"{SUBJECT}_forward_s"), row.get(f"{BASELINE}_forward_s")
+    if subject is not None and baseline is not None:
+        row["speedup"] = baseline / subject
+        # what the subject would take if its time scaled with the occupancy alone
+        row["ideal_sparse_s"] = sv.occupancy * baseline
+        row["sparse_over_ideal"] = subject / row["ideal_sparse_s"] if row["ideal_sparse_s"] else None
     row["dense_grid"] = "x".join(map(str, dense_grid))
     row["threads"] = torch.get_num_threads()  # after the runs: MinkowskiEngine may have changed it
     return row
@@ -175,12 +181,11 @@ def memory_child(spec_json: str) -> None:
 
     set_threads(int(spec["threads"]))
     sv = load_sparse(spec["npz"])
-    cfg = ModelConfig(**spec["model"])
-    multiple = 2 ** (len(cfg.widths) - 1)
+    cfg = replace(ModelConfig(**spec["model"]), backend=spec["backend"])
+    engine = get_engine(cfg.backend)
     torch.manual_seed(0)
-    model = create_model(replace(cfg, backend=spec["backend"]), sv.n_channels, 2).eval()
-    dev = torch.device("cpu")
-    x = collate_sparse([sv], dev) if spec["backend"] == "sparse" else collate_dense([sv], dev, multiple)
+    model = engine.build(cfg, sv.n_channels, 2).eval()
+    x = engine.inputs([sv], torch.device("cpu"), cfg)
     with peak_memory() as mem, torch.no_grad():
         model(x)
     print(json.dumps({"forward_mb": mem.delta_bytes / 2**20, "peak_rss_mb": mem.peak_bytes / 2**20,
@@ -268,7 +273,9 @@ def layer_profile(
     cached-pass time of the convolutions (ME builds kernel maps lazily and caches them per
     coordinate manager); the rest is grouped by layer type through forward hooks.
     """
-    model = create_model(replace(model_cfg, backend="sparse"), sv.n_channels, 2).to(dev).eval()
+    cfg = replace(model_cfg, backend=SUBJECT)
+    engine = get_engine(SUBJECT)
+    model = engine.build(cfg, sv.n_channels, 2).to(dev).eval()
     groups: dict[str, list[float]] = {}
     starts: dict[int, float] = {}
 
@@ -296,7 +303,7 @@ def layer_profile(
     with torch.no_grad():
         for _ in range(runs + 1):
             t0 = time.perf_counter()
-            x = collate_sparse([sv], dev)
+            x = engine.inputs([sv], dev, cfg)
             build = time.perf_counter() - t0
             current = {}
             model(x)

@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 from ctsparse.errors import ConfigError
+from ctsparse.models.registry import available
 
 
 @dataclass
@@ -62,7 +63,8 @@ class PreprocessConfig:
 class ModelConfig:
     # sparse: MinkowskiEngine network on the kept sites. dense: the same topology with Conv3d on
     # the densified, cropped grid; it exists so that every sparse claim has a dense baseline.
-    backend: Literal["sparse", "dense"] = "sparse"
+    # Any engine of models/registry.py is accepted.
+    backend: str = "sparse"
     widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     depths: list[int] = field(default_factory=lambda: [1, 1, 1, 1])
     # cube: 3x3x3 (27 offsets). cross: the 7-offset cross, ~4x fewer kernel-map entries.
@@ -218,6 +220,9 @@ def validate_section(obj: Any, prefix: str) -> None:
         if obj.hu_scale <= 0:
             raise ConfigError(f"{p}hu_scale", "must be > 0")
     elif isinstance(obj, ModelConfig):
+        if obj.backend not in available():
+            known = ", ".join(available())
+            raise ConfigError(f"{p}backend", f"unknown backend {obj.backend!r} (known: {known})")
         if not obj.widths or len(obj.widths) != len(obj.depths):
             raise ConfigError(f"{p}widths", "widths and depths must be non-empty and equally long")
         if min(obj.widths) < 1 or min(obj.depths) < 1:

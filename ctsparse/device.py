@@ -9,19 +9,15 @@ import torch
 from ctsparse.errors import CtsparseError
 
 
-def me_has_cuda() -> bool:
-    import MinkowskiEngine as ME
-
-    return bool(ME.is_cuda_available())
-
-
 def resolve_device(spec: str = "auto", *, need_me: bool = True) -> torch.device:
-    """'auto' takes CUDA only when both torch and (for the sparse model) MinkowskiEngine have it.
+    """'auto' takes CUDA only when both torch and (for an engine on it) MinkowskiEngine have it.
 
     Args:
         spec: auto | cpu | cuda | cuda:N
-        need_me: whether the sparse backend (MinkowskiEngine) will run on the device.
+        need_me: whether the model's engine runs on MinkowskiEngine (Engine.needs_me).
     """
+    from ctsparse.models.minkowski import has_cuda as me_has_cuda
+
     spec = spec.strip().lower()
     cuda_ok = torch.cuda.is_available() and (not need_me or me_has_cuda())
     if spec == "auto":
@@ -73,8 +69,8 @@ def set_threads(n: int) -> None:
     torch.set_num_threads alone does not hold:
     - every ME coordinate manager (one per batch) sets OpenMP's thread count to ME's own CPU_COUNT,
       read once from $OMP_NUM_THREADS or os.cpu_count() when ME is imported. Setting the variable
-      covers an ME imported later (and child processes); the module attribute covers an ME already
-      imported.
+      covers an ME imported later (and child processes); models.minkowski.set_threads covers an ME
+      already imported.
     - ME's CPU convolution calls the system BLAS (OpenBLAS on Debian) once per kernel offset, and
       OpenBLAS keeps its own pthread pool of one thread per core, which neither torch nor OpenMP
       controls. Its GEMMs are small (channels x sites of one offset); on a machine whose other
@@ -82,13 +78,11 @@ def set_threads(n: int) -> None:
       went from 8 ms to 330 ms (benchmarks/profile_conv.py). $OPENBLAS_NUM_THREADS covers a BLAS
       loaded later; threadpoolctl resizes one already loaded.
     """
-    import sys
+    from ctsparse.models import minkowski
 
     os.environ["OMP_NUM_THREADS"] = str(n)
     torch.set_num_threads(n)
-    me = sys.modules.get("MinkowskiEngine")
-    if me is not None:  # ME imports its modules as top-level names: find it by its class
-        sys.modules[me.CoordinateManager.__module__].CPU_COUNT = n  # type: ignore[attr-defined]
+    minkowski.set_threads(n)
     _size_blas()
 
 

@@ -1,4 +1,5 @@
-"""Environment report: Python, torch, MinkowskiEngine, BLAS, devices, threads.
+"""Environment report: Python, torch, each engine's own probes (MinkowskiEngine for the sparse
+one), BLAS, devices, threads.
 
 `check_environment()` never raises: every probe becomes a Check with ok/detail/fix, so the CLI can
 print the whole picture even when MinkowskiEngine is missing or broken.
@@ -8,31 +9,12 @@ from __future__ import annotations
 
 import os
 import platform
-import re
-import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
+from ctsparse.models.engine import Check
+
 SETUP_HINT = "run `bash scripts/setup.sh` from the ctsparse checkout (builds and installs MinkowskiEngine)"
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    ok: bool
-    detail: str
-    fix: str = ""
-
-
-def _linked_blas(so_path: str) -> str:
-    """The BLAS a shared library links, read from ldd (e.g. 'libopenblas.so.0')."""
-    try:
-        out = subprocess.run(["ldd", so_path], capture_output=True, text=True, timeout=20, check=False).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (ldd unavailable)"
-    libs = re.findall(r"^\s*(\S*(?:blas|mkl|atlas)\S*)\s+=>\s+(\S+)", out, re.MULTILINE)
-    return ", ".join(f"{name} ({path})" for name, path in libs) or "none found by ldd"
 
 
 def _torch_checks() -> list[Check]:
@@ -57,39 +39,19 @@ def _torch_checks() -> list[Check]:
     return checks
 
 
-def _me_checks() -> list[Check]:
-    try:
-        import warnings
+def _engine_checks() -> list[Check]:
+    """Each engine of the registry probes its own installation (models/: sparse -> ME)."""
+    from ctsparse.models.registry import available, get_engine
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import MinkowskiEngine as ME
-            import MinkowskiEngineBackend._C as backend
-    except Exception as exc:
-        return [Check("MinkowskiEngine", False, f"cannot import: {str(exc).splitlines()[0]}", SETUP_HINT)]
-    cuda = bool(ME.is_cuda_available())
-    checks = [
-        Check(
-            "MinkowskiEngine",
-            True,
-            f"{ME.__version__} ({'CUDA ' + str(ME.cuda_version()) if cuda else 'CPU-only'} build)",
-        ),
-        Check("BLAS linked by ME", True, _linked_blas(str(backend.__file__))),
-        _blas_pools(),
-    ]
-    try:
-        import torch
-
-        conv = ME.MinkowskiConvolution(2, 3, kernel_size=3, dimension=3)
-        coords = torch.tensor([[0, 0, 0, 0], [0, 0, 0, 1], [0, 1, 0, 0]], dtype=torch.int32)
-        out = conv(ME.SparseTensor(torch.ones(3, 2), coordinates=coords))
-        ok = out.F.shape == (3, 3) and bool(torch.isfinite(out.F).all())
-        checks.append(
-            Check("ME smoke convolution", ok, "3 sites, 2->3 channels" if ok else "wrong output", SETUP_HINT)
-        )
-    except Exception as exc:
-        checks.append(Check("ME smoke convolution", False, f"failed: {str(exc).splitlines()[0]}", SETUP_HINT))
-    checks.append(_cross_check())
+    checks: list[Check] = []
+    for name in available():
+        try:
+            engine = get_engine(name)
+        except Exception as exc:  # e.g. sparse without MinkowskiEngine: reported, never raised
+            detail = f"cannot import: {str(exc).splitlines()[0]}"
+            checks.append(Check(f"{name} engine", False, detail, SETUP_HINT))
+            continue
+        checks += engine.check()
     return checks
 
 
@@ -112,23 +74,6 @@ def _blas_pools() -> Check:
     )
 
 
-def _cross_check() -> Check:
-    from ctsparse.models.kernels import CROSS_OFFSETS, cross_kernel_offsets
-
-    try:
-        got = cross_kernel_offsets()
-    except Exception as exc:
-        return Check("ME cross kernel", False, f"failed: {str(exc).splitlines()[0]}", SETUP_HINT)
-    if got == CROSS_OFFSETS:
-        return Check("ME cross kernel", True, "centre + 6 face neighbours (ctsparse patch 0002)")
-    return Check(
-        "ME cross kernel",
-        False,
-        f"offsets {list(got or [])}: the unpatched 0.5.4 cross (ME issue #436); model.kernel: cross refuses",
-        "reinstall MinkowskiEngine with `python scripts/install_me.py` (applies scripts/me-patches)",
-    )
-
-
 def check_environment() -> list[Check]:
     checks = [
         Check(
@@ -140,7 +85,8 @@ def check_environment() -> list[Check]:
         Check("platform", True, f"{platform.system()} {platform.machine()}"),
     ]
     checks += _torch_checks()
-    checks += _me_checks()
+    checks += _engine_checks()
+    checks.append(_blas_pools())  # after the engines: ME's convolutions load the BLAS it reports
     for mod in ("numpy", "nibabel", "pydicom", "pylibjpeg"):
         try:
             version = str(getattr(__import__(mod), "__version__", "?"))

@@ -19,10 +19,10 @@ from ctsparse.collate import collate
 from ctsparse.device import resolve_device
 from ctsparse.errors import CtsparseError, ScanError
 from ctsparse.inputs import InputItem, expand_inputs
+from ctsparse.models.registry import get_engine
 from ctsparse.ood import out_of_range, scan_quantities
 from ctsparse.sparse import SparseVolume
 from ctsparse.training.checkpoint import build_from_checkpoint
-from ctsparse.training.epoch import stride_multiple
 
 Row = dict[str, Any]
 
@@ -63,7 +63,7 @@ def predict(
 
     model, ckpt = build_from_checkpoint(checkpoint)
     cfg = ckpt.config
-    dev = resolve_device(device, need_me=cfg.model.backend == "sparse")
+    dev = resolve_device(device, need_me=get_engine(cfg.model.backend).needs_me)
     model = model.to(dev).eval()
     decision = Decision.from_dict(ckpt.extra.get("decision"))
     ranges = ckpt.extra.get("training_ranges")
@@ -80,7 +80,7 @@ def predict(
             torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()
         with peak_memory() as mem, torch.no_grad():
-            batch = collate(svs, None, cfg.model.backend, dev, stride_multiple(cfg))
+            batch = collate(svs, None, cfg.model, dev)
             logits = model(batch.inputs).float().cpu().numpy()
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)

@@ -40,7 +40,7 @@ def test_round_trip_gives_identical_predictions(tmp_path: Path, backend: str) ->
     save_checkpoint(path, model, cfg, ["a", "b"], 1)
     loaded, ckpt = build_from_checkpoint(path)
     loaded.eval()
-    batch = collate(_svs(), None, backend, torch.device("cpu"), multiple=2)
+    batch = collate(_svs(), None, cfg.model, torch.device("cpu"))
     with torch.no_grad():
         assert torch.equal(model(batch.inputs), loaded(batch.inputs))
     assert ckpt.classes == ["a", "b"] and ckpt.config.model.backend == backend

@@ -95,7 +95,7 @@ def test_strided_sparse_conv_matches_dense_at_output_sites() -> None:
 
 
 # The cross's offsets in the order of scripts/me-patches/0002 (centre, then -1 and +1 per axis)
-from ctsparse.models.kernels import CROSS_OFFSETS  # noqa: E402 - after the importorskip above
+from ctsparse.models.minkowski import CROSS_OFFSETS  # noqa: E402 - after the importorskip above
 
 
 def me_cross_kernel_from_dense(w: torch.Tensor) -> torch.Tensor:

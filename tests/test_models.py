@@ -1,4 +1,4 @@
-"""Both backends, built from the registry, on tiny random sparse inputs (timm-style)."""
+"""Every engine of the registry, on tiny random sparse inputs (timm-style)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from ctsparse.collate import collate
 from ctsparse.config import ModelConfig
 from ctsparse.models import create_model
-from ctsparse.models.registry import available
+from ctsparse.models.registry import BUILTIN, available, get_engine
 from ctsparse.sparse import SparseVolume
 
 pytest.importorskip("MinkowskiEngine", reason="MinkowskiEngine is not installed: run scripts/setup.sh")
@@ -22,14 +22,14 @@ def random_sv(rng: np.random.Generator, shape=(12, 10, 8), channels=1, occupancy
     return SparseVolume(coords, feats, shape, np.eye(4), {"features": "hu"}, {}, "random")
 
 
-@pytest.mark.parametrize("backend", ["sparse", "dense"])
+@pytest.mark.parametrize("backend", sorted(BUILTIN))
 @pytest.mark.parametrize(("kernel", "channels", "widths"), [("cube", 1, [4, 8]), ("cross", 8, [4, 8, 8])])
 def test_forward_shapes(backend: str, kernel: str, channels: int, widths: list[int]) -> None:
     rng = np.random.default_rng(0)
     cfg = ModelConfig(backend=backend, widths=widths, depths=[1] * len(widths), kernel=kernel)  # type: ignore[arg-type]
     model = create_model(cfg, channels, 3).eval()
     svs = [random_sv(rng, channels=channels), random_sv(rng, (9, 11, 7), channels)]
-    batch = collate(svs, None, backend, torch.device("cpu"), multiple=2 ** (len(widths) - 1))
+    batch = collate(svs, None, cfg, torch.device("cpu"))
     with torch.no_grad():
         logits = model(batch.inputs)
         feats = model.forward_features(batch.inputs)
@@ -42,6 +42,19 @@ def test_registry_lists_both_backends() -> None:
     assert {"sparse", "dense"} <= set(available())
 
 
+@pytest.mark.parametrize("backend", sorted(BUILTIN))
+def test_every_engine_checks_its_installation(backend: str) -> None:
+    checks = get_engine(backend).check()
+    assert checks and all(c.ok for c in checks), checks
+
+
+def test_an_unknown_backend_names_the_known_ones() -> None:
+    from ctsparse.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown backend 'conv' \(known: dense, sparse"):
+        get_engine("conv")
+
+
 def test_sparse_batch_rows_follow_input_order() -> None:
     """ME's global pooling emits scans in its own order; the model must return them in batch order."""
     rng = np.random.default_rng(1)
@@ -50,8 +63,8 @@ def test_sparse_batch_rows_follow_input_order() -> None:
     a, b, c = random_sv(rng), random_sv(rng, (6, 6, 6)), random_sv(rng, (14, 5, 9))
     dev = torch.device("cpu")
     with torch.no_grad():
-        singles = [model(collate([x], None, "sparse", dev).inputs) for x in (a, b, c)]
-        together = model(collate([a, b, c], None, "sparse", dev).inputs)
+        singles = [model(collate([x], None, cfg, dev).inputs) for x in (a, b, c)]
+        together = model(collate([a, b, c], None, cfg, dev).inputs)
     torch.testing.assert_close(together, torch.cat(singles), rtol=1e-4, atol=1e-5)
 
 
@@ -98,9 +111,8 @@ def test_global_pooling_is_exact_per_scan_forward_and_backward(batch):
 
 
 def test_input_pooling_is_the_same_for_the_sparse_model_and_its_dense_twin():
-    from ctsparse.collate import collate_dense, collate_sparse
-    from ctsparse.models.dense import _input_pool
-    from ctsparse.models.sparse import global_avg_max
+    from ctsparse.models.dense import _input_pool, collate_dense
+    from ctsparse.models.sparse import collate_sparse, global_avg_max
 
     rng = np.random.default_rng(0)
     svs = []
@@ -115,14 +127,14 @@ def test_input_pooling_is_the_same_for_the_sparse_model_and_its_dense_twin():
         cfg = ModelConfig(backend=backend, widths=[4, 8], depths=[1, 1], input_pooling=True)
         model = create_model(cfg, 3, 2).eval()
         assert model.head.in_features == 2 * 8 + 2 * 3
-        out = model(collate(svs, None, backend, torch.device("cpu"), 2).inputs)
+        out = model(collate(svs, None, cfg, torch.device("cpu")).inputs)
         assert out.shape == (3, 2) and torch.isfinite(out).all()
 
 
 def test_installed_minkowskiengine_computes_the_cross_kernel_the_model_expects() -> None:
     """scripts/me-patches/0002: centre first, then -1/+1 per axis (0.5.4 as released: 7 offsets of
     the cube's first corner plane, no centre), read off a kernel map of the installed build."""
-    from ctsparse.models.kernels import CROSS_OFFSETS, cross_kernel_offsets
+    from ctsparse.models.minkowski import CROSS_OFFSETS, cross_kernel_offsets
 
     got = cross_kernel_offsets()
     assert got == CROSS_OFFSETS
@@ -159,7 +171,7 @@ def test_the_cross_kernel_check_keeps_the_thread_count() -> None:
     on one OpenMP thread."""
     import torch
 
-    from ctsparse.models.kernels import cross_kernel_offsets
+    from ctsparse.models.minkowski import cross_kernel_offsets
 
     before = torch.get_num_threads()
     cross_kernel_offsets.cache_clear()

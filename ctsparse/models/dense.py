@@ -7,11 +7,15 @@ at zero by a fixed mask, so both backends learn the same function class.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 from torch import nn
 
 from ctsparse.config import ModelConfig
-from ctsparse.models.registry import register
+from ctsparse.models.engine import Check, Engine
+from ctsparse.sparse import SparseVolume
 
 
 def _onednn_ok(x: torch.Tensor) -> bool:
@@ -133,6 +137,43 @@ class DenseResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-@register("dense")
 def build_dense(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
     return DenseResNet(cfg, in_channels, num_classes)
+
+
+def stride_multiple(cfg: ModelConfig) -> int:
+    """Every stage after the first halves the grid: sizes divisible by 2^(stages-1) stay whole."""
+    return int(2 ** (len(cfg.widths) - 1))
+
+
+def collate_dense(svs: Sequence[SparseVolume], device: torch.device, multiple: int = 1) -> torch.Tensor:
+    """Zero-filled dense grids padded to the batch's largest shape, rounded up to `multiple`
+    so that every stride-2 stage of the dense twin sees an even size."""
+    shape = np.max([sv.grid_shape for sv in svs], axis=0)
+    shape = (-(-shape // multiple) * multiple).astype(int)
+    out = torch.zeros((len(svs), svs[0].n_channels, *shape.tolist()), dtype=torch.float32)
+    for i, sv in enumerate(svs):
+        c = torch.from_numpy(sv.coords.astype(np.int64))
+        out[i, :, c[:, 0], c[:, 1], c[:, 2]] = torch.from_numpy(sv.feats).T
+    return out.to(device)
+
+
+def check_installed() -> list[Check]:
+    """The dense twin runs on torch alone; on the CPU its convolutions want oneDNN (Conv3d above)."""
+    ok = torch.backends.mkldnn.is_available()
+    return [
+        Check(
+            "dense twin (oneDNN)",
+            True,
+            "oneDNN convolutions on the CPU" if ok else "no oneDNN in this torch: slow_conv3d on the CPU",
+        )
+    ]
+
+
+ENGINE = Engine(
+    name="dense",
+    build=build_dense,
+    collate=collate_dense,
+    stride_multiple=stride_multiple,
+    check=check_installed,
+)

@@ -1,41 +1,59 @@
-"""Build a classifier by backend name, timm-style: create_model(cfg, in_channels, num_classes)."""
+"""Engines by name, timm-style: get_engine(name), create_model(cfg, in_channels, num_classes).
+
+The built-in engines are imported on first use, so the dense twin never needs MinkowskiEngine and
+importing the registry (the config does, to check `model.backend`) loads neither torch nor ME.
+The engine modules do not import this one: each only defines its `ENGINE`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from importlib import import_module
+from typing import TYPE_CHECKING
 
-import torch
+from ctsparse.errors import ConfigError
+from ctsparse.models.engine import Engine
 
-from ctsparse.config import ModelConfig
+if TYPE_CHECKING:
+    import torch
 
-Builder = Callable[[ModelConfig, int, int], torch.nn.Module]
-_REGISTRY: dict[str, Builder] = {}
+    from ctsparse.config import ModelConfig
+
+# name -> the module under models/ that defines its ENGINE. A new engine is one line here.
+BUILTIN: dict[str, str] = {
+    "sparse": "ctsparse.models.sparse",  # MinkowskiEngine on the kept sites
+    "dense": "ctsparse.models.dense",  # the same topology with Conv3d on the densified grid
+}
+_LOADED: dict[str, Engine] = {}
 
 
-def register(name: str) -> Callable[[Builder], Builder]:
-    def deco(fn: Builder) -> Builder:
-        _REGISTRY[name] = fn
-        return fn
+def register(engine: Engine) -> Engine:
+    """Add (or replace) an engine at run time, e.g. a plug-in or a test's fake engine."""
+    _LOADED[engine.name] = engine
+    return engine
 
-    return deco
+
+def unregister(name: str) -> None:
+    """Forget a run-time engine (a built-in one is imported again on its next use)."""
+    _LOADED.pop(name, None)
 
 
 def available() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
+    """Every engine name `model.backend` accepts (without importing any engine)."""
+    return sorted({*BUILTIN, *_LOADED})
 
 
-def _load_builtin() -> None:
-    # imported here so that the dense twin never needs MinkowskiEngine and vice versa
-    if "dense" not in _REGISTRY:
-        from ctsparse.models import dense  # noqa: F401
-    if "sparse" not in _REGISTRY:
-        from ctsparse.models import sparse  # noqa: F401
+def get_engine(name: str) -> Engine:
+    """The engine called `name`; an unknown name is a ConfigError listing the known ones.
+
+    Raises ImportError when the engine's own dependencies are missing (e.g. sparse without ME).
+    """
+    if name not in _LOADED:
+        if name not in BUILTIN:
+            raise ConfigError("model.backend", f"unknown backend {name!r} (known: {', '.join(available())})")
+        engine = import_module(BUILTIN[name]).ENGINE
+        _LOADED[name] = engine
+    return _LOADED[name]
 
 
 def create_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> torch.nn.Module:
-    if cfg.backend not in _REGISTRY:
-        from importlib import import_module
-
-        import_module(f"ctsparse.models.{cfg.backend}")
-    return _REGISTRY[cfg.backend](cfg, in_channels, num_classes)
+    return get_engine(cfg.backend).build(cfg, in_channels, num_classes)

@@ -11,13 +11,17 @@ local: averaging over ~10^5 sites dilutes them, the maximum keeps them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import MinkowskiEngine as ME
+import numpy as np
 import torch
 from torch import nn
 
 from ctsparse.config import ModelConfig
-from ctsparse.models.kernels import check_cross_kernel
-from ctsparse.models.registry import register
+from ctsparse.models import minkowski
+from ctsparse.models.engine import Engine
+from ctsparse.sparse import SparseVolume
 
 
 def _kernel(cfg: ModelConfig, size: int, stride: int = 1) -> ME.KernelGenerator:
@@ -83,7 +87,7 @@ class SparseResNet(nn.Module):
     def __init__(self, cfg: ModelConfig, in_channels: int, num_classes: int) -> None:
         super().__init__()
         if cfg.kernel == "cross":
-            check_cross_kernel()
+            minkowski.check_cross_kernel()
         w = cfg.widths
         self.stem = nn.Sequential(
             _conv(cfg, in_channels, w[0], cfg.stem_kernel),
@@ -121,6 +125,38 @@ class SparseResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-@register("sparse")
+def batched_coordinates(svs: Sequence[SparseVolume]) -> np.ndarray:
+    """(N, 4) int32 [batch, x, y, z], C-contiguous as ME requires."""
+    parts = []
+    for i, sv in enumerate(svs):
+        col = np.full((sv.n_sites, 1), i, dtype=np.int32)
+        parts.append(np.concatenate([col, sv.coords.astype(np.int32, copy=False)], axis=1))
+    return np.ascontiguousarray(np.concatenate(parts, axis=0), dtype=np.int32)
+
+
+def collate_sparse(svs: Sequence[SparseVolume], device: torch.device, multiple: int = 1) -> ME.SparseTensor:
+    """One ME.SparseTensor for a batch of scans (`multiple` is unused: any grid will do)."""
+    coords = torch.from_numpy(batched_coordinates(svs))
+    feats = torch.from_numpy(np.ascontiguousarray(np.concatenate([sv.feats for sv in svs], axis=0)))
+    # An explicit coordinate manager: ME's default one resets OpenMP to min(cpu_count, 20) threads
+    # every time a tensor is built, silently undoing torch.set_num_threads / --threads.
+    manager = ME.CoordinateManager(D=3, num_threads=torch.get_num_threads())
+    return ME.SparseTensor(
+        feats.to(device), coordinates=coords.to(device), device=str(device), coordinate_manager=manager
+    )
+
+
 def build_sparse(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
     return SparseResNet(cfg, in_channels, num_classes)
+
+
+ENGINE = Engine(
+    name="sparse",
+    build=build_sparse,
+    collate=collate_sparse,
+    needs_me=True,
+    check=minkowski.check_installed,
+    versions=minkowski.version,
+    checkpoint_fields=minkowski.checkpoint_fields,
+    refuse_checkpoint=minkowski.refuse_checkpoint,
+)

@@ -113,11 +113,12 @@ def measure_device(
 
     from ctsparse.device import resolve_device
     from ctsparse.io import read_volume
+    from ctsparse.models.registry import get_engine
     from ctsparse.sparsify import sparsify
 
     t_start = time.perf_counter()
-    dev = resolve_device(device)
     model_cfg = model or ModelConfig()
+    dev = resolve_device(device, need_me=get_engine(model_cfg.backend).needs_me)
     vol = read_volume(scan, spacing=preprocess.spacing)
     steps: list[StepFigure] = []
     errors: list[str] = []
@@ -164,11 +165,10 @@ def _measure_step(
     model = create_model(cfg, sv.n_channels, num_classes).to(dev)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    multiple = 2 ** (len(cfg.widths) - 1)
     labels = [0, 1 % num_classes]
 
     def step() -> None:
-        batch = collate([sv, sv], labels, cfg.backend, dev, multiple)
+        batch = collate([sv, sv], labels, cfg, dev)
         assert batch.labels is not None
         loss = torch.nn.functional.cross_entropy(model(batch.inputs), batch.labels)
         opt.zero_grad(set_to_none=True)

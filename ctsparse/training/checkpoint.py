@@ -20,7 +20,8 @@ from ctsparse import __version__
 from ctsparse.config import Config, from_dict, to_dict
 from ctsparse.errors import CheckpointError, ConfigError
 from ctsparse.fileio import atomic_write
-from ctsparse.models.kernels import CROSS_ORDER
+from ctsparse.models.engine import Engine
+from ctsparse.models.registry import create_model, get_engine
 
 FORMAT = "ctsparse-checkpoint"
 FORMAT_VERSION = 1
@@ -35,15 +36,9 @@ class LoadedCheckpoint:
     extra: dict[str, Any]
 
 
-def versions() -> dict[str, str]:
-    out = {"ctsparse": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
-    try:
-        import MinkowskiEngine as ME
-
-        out["MinkowskiEngine"] = str(ME.__version__)
-    except ImportError:
-        pass
-    return out
+def versions(engine: Engine) -> dict[str, str]:
+    base = {"ctsparse": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
+    return {**base, **engine.versions()}
 
 
 def save_checkpoint(
@@ -56,16 +51,17 @@ def save_checkpoint(
 ) -> None:
     """Atomic write: a temp file in the same folder, fsync, rename. A crash leaves the old file."""
     path = Path(path)
+    engine = get_engine(cfg.model.backend)
     payload = {
+        # what the engine needs to know about these weights later (e.g. ME's cross-kernel order)
+        **engine.checkpoint_fields(),
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "config": to_dict(cfg),
         "classes": list(classes),
         "in_channels": int(in_channels),
-        "versions": versions(),
-        # which offset each ME cross-kernel weight belongs to (see models/kernels.py)
-        "kernel_order": {"cross": CROSS_ORDER},
+        "versions": versions(engine),
         "extra": extra or {},
     }
     with atomic_write(path) as fh:
@@ -109,13 +105,12 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
         cfg = from_dict(raw["config"])
     except ConfigError as exc:
         raise CheckpointError(path, f"its config does not match this ctsparse version: {exc}") from exc
-    order = (raw.get("kernel_order") or {}).get("cross")
-    if cfg.model.backend == "sparse" and cfg.model.kernel == "cross" and order != CROSS_ORDER:
-        raise CheckpointError(
-            path,
-            "a cross-kernel model trained with MinkowskiEngine 0.5.4's unpatched cross kernel (its weights "
-            "belong to other offsets, ME issue #436); retrain it with this build",
-        )
+    try:
+        reason = get_engine(cfg.model.backend).refuse_checkpoint(cfg.model, raw)
+    except ImportError as exc:
+        raise CheckpointError(path, f"its engine {cfg.model.backend!r} cannot run here: {exc}") from exc
+    if reason:
+        raise CheckpointError(path, reason)
     return LoadedCheckpoint(
         cfg, list(raw["classes"]), int(raw["in_channels"]), raw["state_dict"], raw.get("extra", {})
     )
@@ -125,8 +120,6 @@ def build_from_checkpoint(
     path: str | Path, ckpt: LoadedCheckpoint | None = None
 ) -> tuple[torch.nn.Module, LoadedCheckpoint]:
     """Model with the checkpoint's weights; a mismatch names the differing tensors."""
-    from ctsparse.models import create_model
-
     ckpt = ckpt or load_checkpoint(path)
     model = create_model(ckpt.config.model, ckpt.in_channels, len(ckpt.classes))
     own = model.state_dict()

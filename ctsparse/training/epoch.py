@@ -54,10 +54,6 @@ class EpochProgress:
         return cls(int(d["epoch"]), int(d["batches_done"]), d["rng_state"], int(d["world"]), dict(d["sums"]))
 
 
-def stride_multiple(cfg: Config) -> int:
-    return int(2 ** (len(cfg.model.widths) - 1))
-
-
 def epoch_order(data: Dataset, cfg: Config, rng: np.random.Generator) -> np.ndarray:
     """Sample order: a permutation, or class-balanced sampling with replacement ("sampler")."""
     if cfg.train.balance != "sampler":
@@ -140,7 +136,7 @@ def run_epoch(
                 )
                 for sv, p in zip(svs, pos, strict=True)
             ]
-        batch = collate(svs, [data[i][1] for i in idx], cfg.model.backend, dev, stride_multiple(cfg))
+        batch = collate(svs, [data[i][1] for i in idx], cfg.model, dev)
         logits = model(batch.inputs)
         assert batch.labels is not None
         loss = batch_loss(logits, batch.labels, loss_fn, d)
@@ -178,7 +174,7 @@ def predict_logits(
     out = []
     bs = cfg.train.batch_size
     for b in range(0, len(svs), bs):
-        batch = collate(svs[b : b + bs], None, cfg.model.backend, dev, stride_multiple(cfg))
+        batch = collate(svs[b : b + bs], None, cfg.model, dev)
         out.append(model(batch.inputs).float().cpu().numpy())
     return np.concatenate(out, axis=0) if out else np.zeros((0, 0))
 

@@ -29,6 +29,7 @@ from ctsparse.config import Config, to_dict
 from ctsparse.data.datasets import Sample, discover_dataset, stratified_split
 from ctsparse.errors import CtsparseError, DatasetError
 from ctsparse.fileio import atomic_write_text, remove_stale_temps
+from ctsparse.models.registry import get_engine
 from ctsparse.ood import scan_quantities, training_ranges
 from ctsparse.sparse import SparseVolume
 from ctsparse.training import distributed as ddp
@@ -96,7 +97,7 @@ def train(
             cfg.train.epochs = resume_epochs
         state = ckpt.extra
         state["state_dict"] = ckpt.state_dict
-    d, dev = ddp.setup(device, need_me=cfg.model.backend == "sparse")
+    d, dev = ddp.setup(device, need_me=get_engine(cfg.model.backend).needs_me)
     try:
         result = _train(data, out, cfg, d, dev, state, on_event if d.is_main else None)
     except BaseException:

@@ -1,0 +1,84 @@
+"""What an engine is: everything the rest of ctsparse needs to know to run one kind of network.
+
+An engine is one `Engine` value, defined by its module under models/ (`ENGINE = Engine(...)`) and
+listed in `models/registry.py`. Training, predict, the planner, the benchmark and doctor ask the
+engine of `model.backend` for what they need and never compare backend names, so a new engine is
+a local change: one module plus its registry line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from ctsparse.config import ModelConfig
+    from ctsparse.sparse import SparseVolume
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the environment report (`ctsparse doctor`): what was probed, whether it is
+    usable, what was found, and how to fix it when it is not."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+def _any_grid(cfg: ModelConfig) -> int:
+    return 1
+
+
+def _nothing_to_check() -> list[Check]:
+    return []
+
+
+def _no_versions() -> dict[str, str]:
+    return {}
+
+
+def _no_fields() -> dict[str, Any]:
+    return {}
+
+
+def _accept(cfg: ModelConfig, checkpoint: Mapping[str, Any]) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Engine:
+    """How to build, feed and check one kind of classifier.
+
+    Attributes:
+        build: (model config, input channels, classes) -> an nn.Module whose forward takes the
+            output of `collate` and returns logits (B, classes); timm's forward_features /
+            forward_head split is expected by the embedding and explanation code.
+        collate: (SparseVolumes, device, stride multiple) -> the model's input for that batch.
+        needs_me: runs on MinkowskiEngine, so CUDA is usable only when ME was built with it.
+        stride_multiple: the multiple every input grid dimension is padded to (a dense network
+            with stride-2 stages needs even sizes at every stage); 1 when any grid will do.
+        check: probes of the installed engine for `ctsparse doctor` (never raises).
+        versions: library versions worth recording in a checkpoint of this engine.
+        checkpoint_fields: extra top-level fields of a checkpoint (e.g. the weight layout).
+        refuse_checkpoint: (model config, raw checkpoint) -> why this engine cannot use those
+            weights, or None.
+    """
+
+    name: str
+    build: Callable[[ModelConfig, int, int], torch.nn.Module]
+    collate: Callable[[Sequence[SparseVolume], torch.device, int], Any]
+    needs_me: bool = False
+    stride_multiple: Callable[[ModelConfig], int] = _any_grid
+    check: Callable[[], list[Check]] = _nothing_to_check
+    versions: Callable[[], dict[str, str]] = _no_versions
+    checkpoint_fields: Callable[[], dict[str, Any]] = _no_fields
+    refuse_checkpoint: Callable[[ModelConfig, Mapping[str, Any]], str | None] = _accept
+
+    def inputs(self, svs: Sequence[SparseVolume], device: torch.device, cfg: ModelConfig) -> Any:
+        """The model's input for a batch of scans, on `device`."""
+        return self.collate(svs, device, self.stride_multiple(cfg))
