@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from ctsparse.data.phantoms import case_rng, make_phantom, phantom_labels
-from ctsparse.sparsify import body_region
+from ctsparse.masks import body_region
 
 
 def main() -> None:

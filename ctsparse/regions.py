@@ -37,6 +37,8 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
+from ctsparse.masks import bounding_box, fill_holes_in_plane
+
 BoolArray = npt.NDArray[np.bool_]
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
@@ -165,8 +167,6 @@ def lung_region(
         NoRegionError: no air component inside the body looks like a lung (module docstring).
     """
     from scipy import ndimage
-
-    from ctsparse.sparsify import bounding_box, fill_holes_in_plane
 
     sp = [float(s) for s in spacing]
     air = (hu < LUNG_AIR_HU) & body

@@ -150,8 +150,8 @@ def test_head_ct_is_refused_for_a_lung_region(geometry, grid, holder):
 
 
 def test_air_caught_by_a_head_holder_is_not_a_lung():
+    from ctsparse.masks import body_region
     from ctsparse.regions import NoRegionError, lung_region
-    from ctsparse.sparsify import body_region
 
     vol = _head((1.0, 1.0, 2.0))
     hu = vol.array
@@ -166,7 +166,7 @@ def test_air_caught_by_a_head_holder_is_not_a_lung():
 def head_airway():
     """The head without a holder: its largest air inside the outline is the nasal airway with
     the maxillary sinuses (53 mL), which the former single rule (>= 50 mL) took for a lung."""
-    from ctsparse.sparsify import body_region
+    from ctsparse.masks import body_region
 
     vol = _head((0.5, 0.5, 5.0), holder=False)
     return vol.array, body_region(vol.array >= -500), vol.spacing

@@ -7,7 +7,8 @@ import pytest
 
 from ctsparse.config import PreprocessConfig
 from ctsparse.errors import ScanError
-from ctsparse.sparsify import fill_holes_in_plane, sparsify
+from ctsparse.masks import fill_holes_in_plane
+from ctsparse.sparsify import sparsify
 from ctsparse.volume import Volume
 
 

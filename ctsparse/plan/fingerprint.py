@@ -118,8 +118,9 @@ def select_scans(samples: list[Sample], max_scans: int, seed: int) -> list[Sampl
 
 def _lung_check(vol: Volume) -> tuple[dict[str, Any], Any]:
     """(lungs_found, lung_ml, lung_note) and the coarse lung mask with its affine (or None)."""
+    from ctsparse.masks import body_region
     from ctsparse.regions import NoRegionError, lung_region
-    from ctsparse.sparsify import BODY_HU, body_region, resample
+    from ctsparse.sparsify import BODY_HU, resample
 
     target = [max(s, LUNG_CHECK_MM) for s in vol.spacing]
     arr, aff = resample(vol.array, vol.affine, target)
