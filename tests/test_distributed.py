@@ -47,7 +47,6 @@ BASE = [
 DENSE = [*BASE, "model.backend=dense", "augment.enabled=false"]
 CASES: dict[str, list[str]] = {
     "dense": DENSE,
-    "sparse_torch_pool": [*BASE, "model.backend=sparse"],
     "sparse": [*BASE, "model.backend=sparse"],
     "dense_plain_bn": [*DENSE, "train.sync_bn=false"],
 }
@@ -70,41 +69,10 @@ def _samples() -> list[tuple[SparseVolume, int]]:
     return out
 
 
-class TorchPooledSparseNet(torch.nn.Module):
-    """The project's SparseResNet with its global pooling done in torch, by batch index.
-
-    MinkowskiEngine 0.5.4's CPU global pooling is not exact per scan: MinkowskiGlobalAvgPooling
-    writes its rows in the inverse of the batch order its output coordinates claim (so a scan
-    gets another scan's average whenever that order is not its own inverse, seen here from 4
-    scans per batch on), and MinkowskiGlobalMaxPooling routes its gradient to the wrong sites
-    for a batch of one scan. A batch split over two ranks then cannot match the whole batch for reasons
-    that have nothing to do with DDP, so this case swaps in an exact pooling and keeps every ME
-    convolution and ME BatchNorm of the real network.
-    """
-
-    def __init__(self, net: torch.nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: Any) -> torch.Tensor:
-        y = self.net.stages(self.net.stem(x))
-        b = y.C[:, 0].long()
-        n, c = int(b.max()) + 1, y.F.shape[1]
-        count = torch.bincount(b, minlength=n).clamp_min(1).unsqueeze(1).to(y.F.dtype)
-        avg = torch.zeros(n, c, dtype=y.F.dtype).index_add(0, b, y.F) / count
-        idx = b.unsqueeze(1).expand_as(y.F)
-        mx = torch.full((n, c), -torch.inf, dtype=y.F.dtype).scatter_reduce(
-            0, idx, y.F, "amax", include_self=False
-        )
-        return self.net.forward_head(torch.cat([avg, mx], dim=1))
-
-
 def _one_epoch(case: str, d: ddp.Dist) -> dict[str, Any]:
     cfg = load_config(None, CASES[case])
     torch.manual_seed(0)
     model = create_model(cfg.model, 8, 2)
-    if case == "sparse_torch_pool":
-        model = TorchPooledSparseNet(model)
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     wrapped = ddp.wrap(model, d, torch.device("cpu"), sync_bn=cfg.train.sync_bn)
     opt = torch.optim.SGD(wrapped.parameters(), lr=0.05, momentum=0.9)
@@ -115,8 +83,11 @@ def _one_epoch(case: str, d: ddp.Dist) -> dict[str, Any]:
         wrapped, _samples(), cfg, torch.device("cpu"), opt, sched, loss_fn, rng, 1,
         lambda kind, info: None, {"flag": False}, dist=d,
     )  # fmt: skip
-    state = {k: v.detach().clone() for k, v in ddp.unwrap(wrapped).state_dict().items()}
-    return {"state": state, "init": init, "train": tr}
+    raw = ddp.unwrap(wrapped)
+    own = {k: v.detach().clone() for k, v in raw.state_dict().items()}
+    ddp.average_bn_buffers(raw, d)  # what the train loop does before validating and saving
+    state = {k: v.detach().clone() for k, v in raw.state_dict().items()}
+    return {"state": state, "own": own, "init": init, "train": tr}
 
 
 def _worker(rank: int, store: str, out: str) -> None:
@@ -149,22 +120,23 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_both_ranks_hold_identical_weights_after_the_steps(runs: dict[str, Any], case: str) -> None:
     a, b = (r[case]["state"] for r in runs["ranks"])
     assert a.keys() == b.keys()
-    for key in a:
-        if case == "dense_plain_bn" and "running" in key:
-            continue  # per-rank BN statistics: each rank's running mean saw only its own half
+    for key in a:  # BN running statistics too: synced, or averaged over the ranks
         assert torch.equal(a[key], b[key]), key
     # and both report the epoch's figures reduced over the ranks, not their own half
     tr0, tr1 = (r[case]["train"] for r in runs["ranks"])
     assert (tr0["loss"], tr0["accuracy"]) == (tr1["loss"], tr1["accuracy"])
 
 
-@pytest.mark.parametrize("case", ["dense", "sparse_torch_pool"])
+@pytest.mark.parametrize("case", ["dense", "sparse"])
 def test_two_ranks_on_half_batches_match_one_process_on_whole_batches(
     runs: dict[str, Any], case: str
 ) -> None:
     """Exact up to float summation order because SyncBN gives both ranks the whole batch's BN
-    statistics and the loss is normalised by the whole batch's class weights (see batch_loss)."""
+    statistics and the loss is normalised by the whole batch's class weights (see batch_loss).
+    Every tensor of the state is compared, BatchNorm running statistics included; the sparse
+    network pools with its own global_avg_max."""
     ranked, single = runs["ranks"][0][case], runs["single"][case]
+    assert any("running_mean" in k for k in single["state"])
     for key, value in single["state"].items():
         if value.is_floating_point():
             torch.testing.assert_close(ranked["state"][key], value, rtol=RTOL, atol=ATOL, msg=key)
@@ -185,6 +157,18 @@ def test_without_sync_bn_half_batches_do_not_match(runs: dict[str, Any]) -> None
         float((ranked["state"][k] - v).abs().max()) for k, v in single["state"].items() if "weight" in k
     )
     assert diff > 100 * ATOL
+
+
+def test_without_sync_bn_running_statistics_are_averaged_over_ranks(runs: dict[str, Any]) -> None:
+    """sync_bn: false: each rank's running mean/var saw only its half of the batches; before a
+    validation they become the mean over the ranks (ddp.average_bn_buffers)."""
+    a, b = (r["dense_plain_bn"] for r in runs["ranks"])
+    keys = [k for k in a["state"] if k.endswith(("running_mean", "running_var"))]
+    assert keys
+    assert any(not torch.equal(a["own"][k], b["own"][k]) for k in keys)  # the halves differ
+    for key in keys:
+        assert torch.equal(a["state"][key], b["state"][key]), key
+        torch.testing.assert_close(a["state"][key], (a["own"][key] + b["own"][key]) / 2, msg=key)
 
 
 def _history(path: Path) -> list[dict[str, str]]:

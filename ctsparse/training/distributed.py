@@ -23,9 +23,21 @@ from torch import nn
 from ctsparse.device import resolve_device
 from ctsparse.errors import CtsparseError
 
-# Preprocessing a large dataset happens between two collectives; the default 30 min timeout
-# would kill a run whose slowest rank is still decoding DICOM.
-TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("CTSPARSE_DIST_TIMEOUT_MIN", "120")))
+
+def dist_timeout() -> datetime.timedelta:
+    """How long a rank waits in a collective: $CTSPARSE_DIST_TIMEOUT_MIN minutes, default 120.
+
+    Preprocessing a large dataset happens between two collectives; torch's default 30 min would
+    kill a run whose slowest rank is still decoding DICOM. Read when the group is created.
+    """
+    raw = os.environ.get("CTSPARSE_DIST_TIMEOUT_MIN", "120")
+    try:
+        minutes = float(raw)
+    except ValueError:
+        minutes = math.nan
+    if not minutes > 0:
+        raise CtsparseError(f"CTSPARSE_DIST_TIMEOUT_MIN={raw!r}: expected a positive number of minutes")
+    return datetime.timedelta(minutes=minutes)
 
 
 @dataclass(frozen=True)
@@ -106,7 +118,7 @@ def setup(device: str, *, need_me: bool) -> tuple[Dist, torch.device]:
         torch.cuda.set_device(dev)
     owns = False
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=TIMEOUT)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=dist_timeout())
         owns = True
     world = dist.get_world_size()
     info = Dist(
