@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ctsparse.benchmark import phantom_at, threshold_cases
+from ctsparse.benchmark_sweep import phantom_at, threshold_cases
 from ctsparse.config import load_config
 from ctsparse.device import limit_blas_threads, set_threads
 from ctsparse.models import create_model

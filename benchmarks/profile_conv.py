@@ -40,7 +40,8 @@ import MinkowskiEngine as ME
 import numpy as np
 import torch
 
-from ctsparse.benchmark import median_seconds, phantom_at, threshold_cases
+from ctsparse.benchmark import median_seconds
+from ctsparse.benchmark_sweep import phantom_at, threshold_cases
 from ctsparse.config import load_config
 from ctsparse.device import limit_blas_threads, set_threads
 from ctsparse.models import create_model

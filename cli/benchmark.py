@@ -7,12 +7,13 @@ from typing import Annotated, Any, cast
 
 import typer
 
+from ctsparse.fileio import atomic_write
+
 from .console import console, handles_errors
-from .render import atomic_path, fmt_float, fmt_pct, make_table, write_json
+from .render import fmt_float, fmt_pct, make_table, write_json
 
 DEFAULT_THRESHOLDS = "-500,-300,-100,100,200,400"
 DEFAULT_FILLS = "0.02,0.05,0.1,0.2,0.4"
-BONE_HU = 200.0
 NUMERIC_COLUMNS = [
     "sites", "occupancy", "sparse fwd s", "dense fwd s", "speed-up", "x ideal",
     "sparse step s", "dense step s", "sparse fwd MB", "dense fwd MB",
@@ -71,8 +72,8 @@ def _plot(rows: list[dict[str, Any]], target: Path) -> None:
             fig.delaxes(ax)
     fig.set_size_inches(16 * len(kept) / 3, 4.5)
     fig.tight_layout()
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    with atomic_write(target) as fh:
+        fig.savefig(fh, format="png", dpi=100)
     plt.close(fig)
 
 
@@ -118,77 +119,49 @@ def benchmark(
     plot: Annotated[Path | None, typer.Option("--plot", help="PNG of time and memory vs occupancy.")] = None,
 ) -> None:
     """Time and memory of the sparse model vs its dense twin over occupancy and resolution."""
-    from dataclasses import replace
-
-    import torch
-
-    from ctsparse import benchmark as bench
+    from ctsparse.benchmark_sweep import run_benchmark
     from ctsparse.config import load_config
-    from ctsparse.device import resolve_device
-    from ctsparse.sparsify import sparsify
+    from ctsparse.device import configure_threads
 
     cfg = load_config(config, list(set_ or []))
     if memory not in ("subprocess", "inprocess"):
         raise typer.BadParameter(f"--memory must be subprocess or inprocess, got {memory!r}")
-    kernel_list = [k.strip() for k in kernels.split(",") if k.strip()] or [cfg.model.kernel]
+    kernel_list = [k.strip() for k in kernels.split(",") if k.strip()]
     if bad := [k for k in kernel_list if k not in ("cube", "cross")]:
         raise typer.BadParameter(f"--kernels: unknown kernel {bad[0]!r} (cube, cross)")
-    from ctsparse.device import configure_threads
-
     # torch, ME's OpenMP and the BLAS behind ME's convolutions (inherited by the memory probes)
     configure_threads(threads)
-    dev = resolve_device(device)
-    volumes = []
-    if scans:
-        from ctsparse.io import read_volume
+    with console.status("") as status:
 
-        volumes = [read_volume(p) for p in scans]
-    else:
-        from ctsparse.data.phantoms import case_rng, make_phantom
-
-        volumes = [make_phantom("nodule", case_rng(0, 0), source="phantom:0/0")]
-    rows: list[dict[str, Any]] = []
-    for vol in volumes:
-        cases = bench.threshold_cases(vol, cfg.preprocess, _floats(thresholds)) if thresholds else []
-        base = sparsify(vol, cfg.preprocess)
-        if fills:
-            cases += bench.fill_cases(base, _floats(fills))
-        for s in _floats(spacings) if spacings else []:
-            if scans:
-                from ctsparse.io import read_volume
-
-                at = read_volume(vol.source, spacing=(s, s, s))
-            else:
-                at = bench.phantom_at(s)
-            # the config's threshold, and a bone window (a few % to ~15 %) on the same dense grid
-            levels = [cfg.preprocess.threshold, BONE_HU]
-            for name, sv in bench.threshold_cases(at, replace(cfg.preprocess, spacing=None), levels):
-                cases.append((f"{s:g} mm, {name}", sv))
-        # kernels innermost: cube and cross of one case run back to back, under the same load
-        for name, sv in cases:
-            for kernel in kernel_list:
-                model_cfg = replace(cfg.model, kernel=cast(Any, kernel))
-                with console.status(f"{Path(vol.source).name}: {name}, {kernel} ({sv.n_sites} sites)"):
-                    row = {
-                        "scan": vol.source,
-                        "case": name,
-                        **bench.compare(sv, model_cfg, dev, runs, 1, not no_train_step, cast(Any, memory)),
-                    }
-                rows.append(row)
+        def show(kind: str, info: dict[str, Any]) -> None:
+            if kind == "case":
+                scan = Path(info["scan"]).name
+                status.update(f"{scan}: {info['case']}, {info['kernel']} ({info['sites']} sites)")
+            elif kind == "row":
                 console.print(
-                    f"{name:>26} {kernel:>5}: occupancy {fmt_pct(row['occupancy'])}  "
-                    f"sparse {fmt_float(row.get('sparse_forward_s'), '.3f')} s  "
-                    f"dense {fmt_float(row.get('dense_forward_s'), '.3f')} s  "
-                    f"speed-up x{fmt_float(row.get('speedup'), '.2f')}"
+                    f"{info['case']:>26} {info['kernel']:>5}: occupancy {fmt_pct(info['occupancy'])}  "
+                    f"sparse {fmt_float(info.get('sparse_forward_s'), '.3f')} s  "
+                    f"dense {fmt_float(info.get('dense_forward_s'), '.3f')} s  "
+                    f"speed-up x{fmt_float(info.get('speedup'), '.2f')}"
                 )
-        layers = bench.layer_profile(base, cfg.model, dev)
-        rows.append(
-            {"scan": vol.source, "case": "sparse layer profile", "layers": layers, "sites": base.n_sites}
+
+        report = run_benchmark(
+            list(scans or []),
+            cfg,
+            device=device,
+            thresholds=_floats(thresholds),
+            fills=_floats(fills),
+            spacings=_floats(spacings),
+            kernels=kernel_list,
+            runs=runs,
+            train_step=not no_train_step,
+            memory=cast(Any, memory),
+            on_event=show,
         )
+    rows, summary = report["rows"], report["summary_5_20_pct"]
     cases_rows = [r for r in rows if "layers" not in r]
-    summary = bench.occupancy_summary(cases_rows)
     table = make_table(
-        f"sparse vs dense twin ({dev}, {torch.get_num_threads()} threads, median of {runs}; "
+        f"sparse vs dense twin ({report['device']}, {report['threads']} threads, median of {runs}; "
         f"forward memory: {memory})",
         ["case", "kernel", *NUMERIC_COLUMNS],
         right=NUMERIC_COLUMNS,
@@ -224,17 +197,7 @@ def benchmark(
             )
             console.print(f"sparse forward, where the time goes ({r['sites']} sites): {parts}")
     if json_out:
-        write_json(
-            json_out,
-            {
-                "device": str(dev),
-                "threads": torch.get_num_threads(),
-                "runs": runs,
-                "memory": memory,
-                "summary_5_20_pct": summary,
-                "rows": rows,
-            },
-        )
+        write_json(json_out, report)
         console.print(f"wrote {json_out}")
     if plot:
         _plot(cases_rows, plot)

@@ -15,11 +15,11 @@ from typing import Annotated, Any
 import typer
 
 from ctsparse.config import PreprocessConfig, load_config
+from ctsparse.fileio import atomic_write
 
 from .console import console, error_line, handles_errors, is_tty
 from .render import (
     add_error_row,
-    atomic_path,
     fmt_bytes,
     fmt_float,
     fmt_pct,
@@ -66,8 +66,8 @@ def _write_plots(row: dict[str, Any], cfg: PreprocessConfig, folder: Path, slug:
         xlabel="HU", ylabel="voxels", title=f"{Path(row['path']).name}: occupancy {fmt_pct(row['occupancy'])}"
     )
     ax.legend(loc="upper right", fontsize=8)
-    with atomic_path(hist_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    with atomic_write(hist_png) as fh:
+        fig.savefig(fh, format="png", dpi=100)
     plt.close(fig)
 
     sp = plot["spacing"]
@@ -82,8 +82,8 @@ def _write_plots(row: dict[str, Any], cfg: PreprocessConfig, folder: Path, slug:
         ax.set_title(title, fontsize=9)
         ax.set_axis_off()
     fig.suptitle(f"{Path(row['path']).name}: kept voxels (orange) at {cfg.threshold:g} HU", fontsize=10)
-    with atomic_path(slices_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    with atomic_write(slices_png) as fh:
+        fig.savefig(fh, format="png", dpi=100)
     plt.close(fig)
     return [hist_png, slices_png]
 

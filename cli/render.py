@@ -1,7 +1,7 @@
-"""Rendering helpers shared by the commands: atomic JSON/CSV/PNG outputs, flat rows, table cells.
+"""Rendering helpers shared by the commands: atomic JSON/CSV outputs, flat rows, table cells.
 
-Every output file is written to a temporary name in the target folder and renamed over the target,
-so an interrupted or failed command never leaves a half-written report behind.
+Every output file goes through ctsparse.fileio.atomic_write (PNGs too: savefig into its file): a
+temporary name in the target folder, fsync, rename; an interrupted command leaves no half-written file.
 """
 
 from __future__ import annotations
@@ -10,10 +10,7 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +23,6 @@ from ctsparse.profiling import format_bytes, format_seconds
 
 __all__ = [
     "add_error_row",
-    "atomic_path",
     "error_cell",
     "flatten",
     "fmt_bytes",
@@ -46,26 +42,6 @@ __all__ = [
 ERROR_STYLE = "bold red"
 fmt_bytes = format_bytes
 fmt_seconds = format_seconds
-
-
-@contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to `target`; on success rename it over `target`, else delete it.
-
-    >>> with atomic_path("plot.png") as tmp:  # doctest: +SKIP
-    ...     fig.savefig(tmp, format="png")
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_text_atomic(target: str | Path, text: str) -> None:

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -31,11 +31,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ctsparse.config import ModelConfig, PreprocessConfig
+from ctsparse.config import ModelConfig
 from ctsparse.models.registry import get_engine
 from ctsparse.profiling import peak_memory
 from ctsparse.sparse import SparseVolume, load_sparse, save_sparse
-from ctsparse.volume import Volume
 
 Memory = Literal["subprocess", "inprocess"]
 # The question a benchmark answers: this engine against that baseline, on the same input. Row
@@ -192,14 +191,6 @@ def memory_child(spec_json: str) -> None:
                       "base_rss_mb": mem.start_bytes / 2**20, "memory_probe": mem.method}))  # fmt: skip
 
 
-def phantom_at(spacing: float, seed: int = 0) -> Volume:
-    """The benchmark's default phantom (case 0 of `seed`) rendered at an isotropic `spacing`: the
-    same patient on a finer or coarser grid, not an interpolation of a coarse volume."""
-    from ctsparse.data.phantoms import case_rng, make_phantom
-
-    return make_phantom("nodule", case_rng(seed, 0), spacing=(spacing,) * 3, source=f"phantom:{seed}/0")
-
-
 def occupancy_summary(rows: list[dict[str, Any]], lo: float = 0.05, hi: float = 0.20) -> dict[str, Any]:
     """Per kernel and dense grid, over the rows with lo <= occupancy <= hi: median speed-up and
     sparse time / (occupancy x dense time). Grids are kept apart: a small grid's dense pass is
@@ -217,51 +208,6 @@ def occupancy_summary(rows: list[dict[str, Any]], lo: float = 0.05, hi: float = 
         }
         for key, sel in sorted(groups.items())
     }
-
-
-def threshold_cases(
-    volume: Volume, cfg: PreprocessConfig, thresholds: Sequence[float]
-) -> list[tuple[str, SparseVolume]]:
-    """Occupancy sweep through the HU threshold. The crop is fixed to the body's bounding box at
-    the lowest threshold so that every case has the same dense grid (only occupancy changes)."""
-    from ctsparse.sparsify import sparsify
-
-    base = sparsify(volume, replace(cfg, threshold=min(thresholds), threshold_max=None))
-    out = []
-    for t in thresholds:
-        sv = sparsify(volume, replace(cfg, threshold=t, threshold_max=None, crop=False))
-        out.append((f"threshold {t:g} HU", _recrop(sv, base, cfg)))
-    return out
-
-
-def _recrop(sv: SparseVolume, base: SparseVolume, cfg: PreprocessConfig) -> SparseVolume:
-    """Express `sv` (uncropped) on `base`'s cropped grid."""
-    offset = np.rint(np.linalg.solve(sv.affine, base.affine[:, 3])[:3]).astype(np.int64)
-    coords = sv.coords.astype(np.int64) - offset
-    keep = np.all((coords >= 0) & (coords < np.asarray(base.grid_shape)), axis=1)
-    return replace(
-        sv,
-        coords=np.ascontiguousarray(coords[keep], dtype=np.int32),
-        feats=sv.feats[keep],
-        grid_shape=base.grid_shape,
-        affine=base.affine,
-    )
-
-
-def fill_cases(sv: SparseVolume, fills: Sequence[float], seed: int = 0) -> list[tuple[str, SparseVolume]]:
-    """Synthetic occupancy levels on `sv`'s grid: its kept sites thinned or padded at random."""
-    rng = np.random.default_rng(seed)
-    total = int(np.prod(sv.grid_shape))
-    out = []
-    for f in fills:
-        n = max(1, round(f * total))
-        flat = rng.choice(total, size=n, replace=False)
-        coords = np.ascontiguousarray(
-            np.stack(np.unravel_index(np.sort(flat), sv.grid_shape), 1), dtype=np.int32
-        )
-        feats = rng.standard_normal((n, sv.n_channels)).astype(np.float32) * 0.3
-        out.append((f"fill {100 * f:g}%", replace(sv, coords=coords, feats=feats)))
-    return out
 
 
 def layer_profile(

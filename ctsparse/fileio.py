@@ -1,4 +1,5 @@
-"""Crash-safe file writing shared by checkpoints, the SparseVolume cache and run histories."""
+"""Crash-safe file writing shared by checkpoints, the SparseVolume cache, run histories and every
+report or plot the commands write."""
 
 from __future__ import annotations
 

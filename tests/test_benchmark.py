@@ -76,7 +76,7 @@ def test_forward_memory_is_measured_in_a_fresh_process() -> None:
 
 
 def test_phantom_at_renders_the_same_patient_on_finer_grids() -> None:
-    from ctsparse.benchmark import phantom_at
+    from ctsparse.benchmark_sweep import phantom_at
     from ctsparse.sparsify import sparsify
 
     coarse, fine = phantom_at(12.0), phantom_at(8.0)
