@@ -51,8 +51,8 @@ def make_checkpoint(args: argparse.Namespace, folder: Path, out: Path) -> tuple[
     from ctsparse.config import load_config
     from ctsparse.io import read_volume
     from ctsparse.models import create_model
+    from ctsparse.models.checkpoint import load_checkpoint, save_checkpoint
     from ctsparse.sparsify import sparsify
-    from ctsparse.training.checkpoint import load_checkpoint, save_checkpoint
 
     if args.checkpoint:
         return args.checkpoint, load_checkpoint(args.checkpoint).config
@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     from ctsparse.collate import collate
     from ctsparse.device import set_threads
     from ctsparse.io import read_volume
+    from ctsparse.models.checkpoint import build_from_checkpoint
     from ctsparse.predict import predict
     from ctsparse.sparsify import sparsify
-    from ctsparse.training.checkpoint import build_from_checkpoint
 
     set_threads(args.threads)  # torch, ME's OpenMP and the BLAS behind ME's convolutions
     source = ensure_series(args.folder, 300, 512)

@@ -7,7 +7,7 @@
 Writes N DICOM phantoms once (`ctsparse phantoms WORK/data --format dicom`), then for each worker
 count, runs interleaved (0, 1, 2, 0, 1, 2, ...) so that a change in the machine's load hits every
 setting alike, each run with a cold cache (a fresh CTSPARSE_CACHE):
-  prepare      ctsparse.training.prepare.prepare_scans over every scan (what `train` does before
+  prepare      ctsparse.prepare.prepare_scans over every scan (what `train` does before
                its first epoch), in this process;
   first_epoch  `ctsparse train DATA --epochs 1 --workers W --threads 1` as a subprocess, wall time
                (imports, decoding + sparsifying into the cache, one epoch, validation, checkpoints);
@@ -46,7 +46,7 @@ def _run(cmd: list[str], cache: Path) -> float:
 def _prepare(data: Path, workers: int, cache: Path) -> float:
     from ctsparse.config import load_config
     from ctsparse.data.datasets import discover_dataset
-    from ctsparse.training.prepare import prepare_scans
+    from ctsparse.prepare import prepare_scans
 
     cfg = load_config(ROOT / "configs" / "demo.yaml")
     paths = [s.path for s in discover_dataset(data)]

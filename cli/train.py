@@ -27,8 +27,8 @@ from .render import fmt_float, fmt_pct, make_table, write_text_atomic
 if TYPE_CHECKING:
     from ctsparse.config import Config
 
-RUN_FILES = ("best.pt", "last.pt", "history.csv", "metrics.json", "config.yaml", "split.json")
-# Written by planning, outside RUN_FILES: under --nproc the ranks start after they exist.
+# Written by planning, beside the run's own files (ctsparse.training.run_folder.RUN_FILES): under
+# --nproc the ranks start after they exist.
 PLANNED = "planned.yaml"  # the resolved config the ranks of --nproc N read
 PLAN_FILES = ("plan.json", PLANNED)
 
@@ -175,17 +175,12 @@ def train(
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_config(config, overrides)
-    if main_rank and not resume and any((out / f).exists() for f in RUN_FILES):
-        if not overwrite:
-            raise CtsparseError(
-                f"{out}: already holds a run; pass --resume to continue it or --overwrite to replace it"
-            )
-        if nproc == 1:
-            for f in RUN_FILES:
-                (out / f).unlink(missing_ok=True)
-        if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # not under torchrun: ranks may read planned.yaml
-            for f in PLAN_FILES:
-                (out / f).unlink(missing_ok=True)
+    if main_rank and not resume:
+        from ctsparse.training.run_folder import clear_run
+
+        # under torchrun the plan stays: the ranks read planned.yaml
+        torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        clear_run(out, overwrite=overwrite, also=() if torchrun else PLAN_FILES)
     if config is not None:
         if main_rank and not resume:
             console.print(f"config from {config}: no planning (the file wins)", highlight=False)

@@ -13,8 +13,8 @@ from ctsparse.collate import collate
 from ctsparse.config import load_config
 from ctsparse.errors import CheckpointError
 from ctsparse.models import create_model
+from ctsparse.models.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
 from ctsparse.sparse import SparseVolume
-from ctsparse.training.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
 
 pytest.importorskip("MinkowskiEngine", reason="MinkowskiEngine is not installed: run scripts/setup.sh")
 

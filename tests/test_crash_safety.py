@@ -81,7 +81,7 @@ def _strict_history(path: Path) -> list[dict[str, str]]:
 
 def _assert_run_files_valid(out: Path) -> int:
     """Every run file parses; returns the epoch last.pt holds."""
-    from ctsparse.training.checkpoint import load_checkpoint
+    from ctsparse.models.checkpoint import load_checkpoint
 
     last = load_checkpoint(out / "last.pt")
     load_checkpoint(out / "best.pt")
@@ -132,7 +132,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_dataset: Path,
 def _assert_same_weights(a: Path, b: Path) -> None:
     import torch
 
-    from ctsparse.training.checkpoint import load_checkpoint
+    from ctsparse.models.checkpoint import load_checkpoint
 
     for name in ("last.pt", "best.pt"):
         wa, wb = load_checkpoint(a / name).state_dict, load_checkpoint(b / name).state_dict
@@ -160,7 +160,7 @@ def test_signal_mid_epoch_stops_cleanly_and_says_how_to_resume(
     text = log.read_text()
     assert "interrupted" in text and "--resume" in text and "Traceback" not in text, text
     assert _assert_run_files_valid(out) == 1
-    from ctsparse.training.checkpoint import load_checkpoint
+    from ctsparse.models.checkpoint import load_checkpoint
 
     partial = load_checkpoint(out / "last.pt").extra["partial"]
     assert partial is not None, "the signal did not land inside epoch 2's steps"
@@ -179,7 +179,7 @@ def test_ctrl_c_mid_epoch_saves_that_step_and_resume_is_exact(tiny_dataset: Path
     step 2 and the run ends bit for bit where an uninterrupted run ends."""
     import torch
 
-    from ctsparse.training.checkpoint import load_checkpoint
+    from ctsparse.models.checkpoint import load_checkpoint
     from ctsparse.training.loop import train
 
     sets = [*SETS, "train.batch_size=2", "train.epochs=3"]
@@ -269,7 +269,7 @@ def test_a_scan_that_kills_its_worker_fails_alone() -> None:
     other one (in flight with it or after it) is still processed, in order."""
     from proc_helpers import upper_or_die
 
-    from ctsparse.training.prepare import imap_isolated
+    from ctsparse.prepare import imap_isolated
 
     names = ["a", "b", "c", "die", "d", "e", "f"]
     out = list(imap_isolated(upper_or_die, [(n,) for n in names], 2))

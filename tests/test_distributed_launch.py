@@ -19,8 +19,8 @@ import pytest
 
 pytest.importorskip("MinkowskiEngine", reason="MinkowskiEngine is not installed: run scripts/setup.sh")
 
+from ctsparse.models.checkpoint import load_checkpoint
 from ctsparse.training import history as hist
-from ctsparse.training.checkpoint import load_checkpoint
 
 SETS = [
     "model.widths=[8, 16]",

@@ -37,8 +37,8 @@ def test_the_config_accepts_exactly_the_registered_engines(pooled: str) -> None:
 def test_a_fake_engine_trains_and_predicts_end_to_end(
     pooled: str, tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from ctsparse.models.checkpoint import load_checkpoint
     from ctsparse.predict import predict
-    from ctsparse.training.checkpoint import load_checkpoint
     from ctsparse.training.loop import train
 
     # any `import MinkowskiEngine` on this path would now fail: the engine alone decides

@@ -40,7 +40,7 @@ def run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _with_decision(run: Path, out: Path, **changes: object) -> Path:
-    from ctsparse.training.checkpoint import build_from_checkpoint, save_checkpoint
+    from ctsparse.models.checkpoint import build_from_checkpoint, save_checkpoint
 
     model, ckpt = build_from_checkpoint(run / "best.pt")
     extra = {**ckpt.extra, "decision": {**ckpt.extra["decision"], **changes}}
@@ -49,7 +49,7 @@ def _with_decision(run: Path, out: Path, **changes: object) -> Path:
 
 
 def test_training_stores_the_decision_and_the_ranges(run: Path) -> None:
-    from ctsparse.training.checkpoint import load_checkpoint
+    from ctsparse.models.checkpoint import load_checkpoint
 
     extra = load_checkpoint(run / "best.pt").extra
     d = extra["decision"]

@@ -67,7 +67,7 @@ def test_resume_continues_where_it_stopped(tiny_dataset: Path, tmp_path: Path) -
     uninterrupted run ends (one thread: ME's CPU kernels are deterministic only there)."""
     import torch
 
-    from ctsparse.training.checkpoint import load_checkpoint
+    from ctsparse.models.checkpoint import load_checkpoint
 
     cfg = [*TINY_TRAIN, "train.val_fraction=0.25", "train.patience=10", "train.epochs=4"]
     full = train(tiny_dataset, tmp_path / "full", load_config(None, cfg), device="cpu")
@@ -231,7 +231,7 @@ def test_same_seed_same_data_same_config_gives_the_same_metrics(tiny_dataset: Pa
     the seed. (With more threads ME's CPU kernels are not bitwise reproducible: README.)"""
     import torch
 
-    from ctsparse.training.checkpoint import load_checkpoint
+    from ctsparse.models.checkpoint import load_checkpoint
 
     timing = {"epoch_time_s", "sites_per_s", "peak_rss_mb", "peak_cuda_mb"}
     cfg = [*TINY_TRAIN, "train.val_fraction=0.25", "train.epochs=3", "augment.enabled=true"]

@@ -29,18 +29,18 @@ from ctsparse.config import Config, to_dict
 from ctsparse.data.datasets import Sample, discover_dataset, stratified_split
 from ctsparse.errors import CtsparseError, DatasetError
 from ctsparse.fileio import atomic_write_text, remove_stale_temps
+from ctsparse.models.checkpoint import load_checkpoint, save_checkpoint
 from ctsparse.models.registry import get_engine
 from ctsparse.ood import scan_quantities, training_ranges
+from ctsparse.prepare import prepare_scans
 from ctsparse.sparse import SparseVolume
 from ctsparse.training import distributed as ddp
 from ctsparse.training import history as hist
-from ctsparse.training.checkpoint import load_checkpoint, save_checkpoint
 from ctsparse.training.epoch import EpochProgress, evaluate, predict_logits, probs_metrics, run_epoch
-from ctsparse.training.prepare import prepare_scans
 from ctsparse.training.resume import resume_config
+from ctsparse.training.run_folder import RUN_FILES
 
 Event = Callable[[str, dict[str, Any]], None]
-RUN_FILES = ("best.pt", "last.pt", "history.csv", "metrics.json", "config.yaml", "split.json")
 
 
 @dataclass
@@ -336,7 +336,7 @@ def _final_metrics(
     Also fits the decision rule there (temperature, operating threshold: ctsparse/calibration.py)
     and re-saves best.pt with it and the training ranges, so predict applies both.
     """
-    from ctsparse.training.checkpoint import build_from_checkpoint
+    from ctsparse.models.checkpoint import build_from_checkpoint
 
     if not (out / "best.pt").is_file():
         return {"evaluated_on": "none", "note": "no complete epoch"}
