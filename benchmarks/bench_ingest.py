@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ctsparse.config import PreprocessConfig
-from ctsparse.profiling import format_bytes, format_seconds, peak_memory
+from ctsparse.meters import format_bytes, format_seconds, peak_memory
 from ctsparse.volume import Volume
 
 

@@ -8,7 +8,7 @@
    configs/bone.yaml: 200..3000 HU, body mask; plus --set overrides, default 2x2x2 patch
    features) and runs the sparse model (random weights, no gradient) --runs times. Reported: time
    of each stage, the forward's median, the peak RSS of the forward alone (VmHWM reset around it,
-   ctsparse.profiling.peak_memory) and the peak RSS of the whole child process (ru_maxrss from
+   ctsparse.meters.peak_memory) and the peak RSS of the whole child process (ru_maxrss from
    os.wait4: interpreter, torch + MinkowskiEngine, the volume, sparsify and the forward).
    With --layer-profile, also where the sparse forward spends its time (ctsparse.benchmark).
 3. Dense twin: the same child with model.backend=dense, under RLIMIT_AS = --dense-cap-gb so that
@@ -57,8 +57,8 @@ def child(args: argparse.Namespace) -> None:
     from ctsparse.config import load_config
     from ctsparse.device import set_threads
     from ctsparse.io import read_volume
+    from ctsparse.meters import peak_memory, peak_rss_bytes
     from ctsparse.models import create_model
-    from ctsparse.profiling import peak_memory, peak_rss_bytes
     from ctsparse.sparsify import sparsify
 
     set_threads(args.threads)  # torch, ME's OpenMP and the BLAS behind ME's convolutions

@@ -41,7 +41,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_ingest import bare_pydicom, ensure_series
 
-from ctsparse.profiling import peak_memory
+from ctsparse.meters import peak_memory
 
 
 def make_checkpoint(args: argparse.Namespace, folder: Path, out: Path) -> tuple[Path, Any]:

@@ -1,6 +1,6 @@
 """`ctsparse profile`: how sparse are these scans, and what does sparsity save?
 
-Parse the arguments, call ctsparse.profile_report per scan, render. A scan that fails becomes an
+Parse the arguments, call ctsparse.profile per scan, render. A scan that fails becomes an
 error row; the others are still reported, and the exit code is 1 if any failed.
 """
 
@@ -207,7 +207,7 @@ def profile(
 ) -> None:
     """Report how many voxels each scan keeps, and the memory a sparse network saves on it."""
     from ctsparse.inputs import expand_inputs
-    from ctsparse.profile_report import profile_scan, summarize
+    from ctsparse.profile import profile_scan, summarize
 
     overrides = list(set_ or [])
     if threshold is not None:

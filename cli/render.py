@@ -19,7 +19,7 @@ from rich.text import Text
 
 from ctsparse.errors import NOT_CT
 from ctsparse.fileio import atomic_write_text
-from ctsparse.profiling import format_bytes, format_seconds
+from ctsparse.meters import format_bytes, format_seconds
 
 __all__ = [
     "add_error_row",

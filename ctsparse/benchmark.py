@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from ctsparse.config import ModelConfig
+from ctsparse.meters import peak_memory
 from ctsparse.models.registry import get_engine
-from ctsparse.profiling import peak_memory
-from ctsparse.sparse import SparseVolume, load_sparse, save_sparse
+from ctsparse.sparse_volume import SparseVolume, load_sparse, save_sparse
 
 Memory = Literal["subprocess", "inprocess"]
 # The question a benchmark answers: this engine against that baseline, on the same input. Row

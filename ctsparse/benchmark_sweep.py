@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ctsparse.config import Config, PreprocessConfig
-from ctsparse.sparse import SparseVolume
+from ctsparse.sparse_volume import SparseVolume
 from ctsparse.volume import Volume
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ import torch
 
 from ctsparse.config import ModelConfig
 from ctsparse.models.registry import get_engine
-from ctsparse.sparse import SparseVolume
+from ctsparse.sparse_volume import SparseVolume
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ctsparse.sparse import SparseVolume
+from ctsparse.sparse_volume import SparseVolume
 
 # Beyond the training min/max, a margin of this fraction of the range (or of the value's scale,
 # when the training scans all had about the same value) is still considered in range.

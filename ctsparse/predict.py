@@ -22,7 +22,7 @@ from ctsparse.inputs import InputItem, expand_inputs
 from ctsparse.models.checkpoint import build_from_checkpoint
 from ctsparse.models.registry import get_engine
 from ctsparse.ood import out_of_range, scan_quantities
-from ctsparse.sparse import SparseVolume
+from ctsparse.sparse_volume import SparseVolume
 
 Row = dict[str, Any]
 
@@ -58,8 +58,8 @@ def predict(
             expanding folders or globs.
         allow_non_ct: read DICOM series of other modalities instead of refusing them.
     """
+    from ctsparse.meters import peak_memory
     from ctsparse.prepare import iter_prepared
-    from ctsparse.profiling import peak_memory
 
     model, ckpt = build_from_checkpoint(checkpoint)
     cfg = ckpt.config

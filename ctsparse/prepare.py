@@ -22,7 +22,7 @@ from typing import Any
 from ctsparse.config import PreprocessConfig
 from ctsparse.errors import CtsparseError
 from ctsparse.inputs import InputItem
-from ctsparse.sparse import SparseVolume
+from ctsparse.sparse_volume import SparseVolume
 
 Progress = Callable[[int, int, str], None]
 
@@ -124,7 +124,7 @@ def read_and_sparsify(
     files: Sequence[Path] | None = None,
 ) -> Prepared | str:
     from ctsparse.io import read_volume
-    from ctsparse.profiling import peak_memory
+    from ctsparse.meters import peak_memory
     from ctsparse.sparsify import sparsify
 
     try:

@@ -26,8 +26,8 @@ import numpy.typing as npt
 from ctsparse.config import PreprocessConfig
 from ctsparse.errors import ConfigError, ScanError
 from ctsparse.masks import Box, body_in_box, bounding_box, c_view
-from ctsparse.profiling import stage
-from ctsparse.sparse import SparseVolume, content_key, default_cache_dir, load_sparse, save_sparse
+from ctsparse.meters import stage
+from ctsparse.sparse_volume import SparseVolume, content_key, default_cache_dir, load_sparse, save_sparse
 from ctsparse.volume import Volume
 
 # Body threshold for the connected-component mask. Air is -1000, fat -100: -500 splits them with

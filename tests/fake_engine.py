@@ -14,7 +14,7 @@ from torch import nn
 
 from ctsparse.config import ModelConfig
 from ctsparse.models.engine import Check, Engine
-from ctsparse.sparse import SparseVolume
+from ctsparse.sparse_volume import SparseVolume
 
 NAME = "pooled"
 LAYOUT = {"pooled_layout": "mean,max"}

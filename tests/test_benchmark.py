@@ -61,7 +61,7 @@ def test_forward_memory_is_measured_in_a_fresh_process() -> None:
     import torch
 
     from ctsparse.benchmark import forward_memory
-    from ctsparse.sparse import SparseVolume
+    from ctsparse.sparse_volume import SparseVolume
 
     rng = np.random.default_rng(0)
     flat = np.sort(rng.choice(16**3, size=400, replace=False))

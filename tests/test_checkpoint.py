@@ -14,7 +14,7 @@ from ctsparse.config import load_config
 from ctsparse.errors import CheckpointError
 from ctsparse.models import create_model
 from ctsparse.models.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
-from ctsparse.sparse import SparseVolume
+from ctsparse.sparse_volume import SparseVolume
 
 pytest.importorskip("MinkowskiEngine", reason="MinkowskiEngine is not installed: run scripts/setup.sh")
 

@@ -220,7 +220,7 @@ def test_history_reads_back_only_complete_rows(tmp_path: Path) -> None:
 def test_truncated_cache_file_is_recomputed_not_read(tiny_dataset: Path, tmp_path: Path) -> None:
     import numpy as np
 
-    from ctsparse.sparse import load_sparse
+    from ctsparse.sparse_volume import load_sparse
     from ctsparse.sparsify import sparsify_cached
 
     cfg = load_config(None, SETS).preprocess

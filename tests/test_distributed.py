@@ -26,7 +26,7 @@ from ctsparse.config import load_config
 from ctsparse.device import set_threads
 from ctsparse.models import create_model
 from ctsparse.models.checkpoint import load_checkpoint
-from ctsparse.sparse import SparseVolume
+from ctsparse.sparse_volume import SparseVolume
 from ctsparse.training import distributed as ddp
 from ctsparse.training.epoch import run_epoch
 

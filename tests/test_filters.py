@@ -62,7 +62,7 @@ def test_augment_moves_hu_channels_only():
     rng = np.random.default_rng(0)
     coords = np.array([[0, 0, 0], [3, 1, 2]], dtype=np.int32)
     feats = rng.normal(size=(2, 9)).astype(np.float32)
-    from ctsparse.sparse import SparseVolume
+    from ctsparse.sparse_volume import SparseVolume
 
     sv = SparseVolume(
         coords, feats, (4, 2, 3), np.eye(4), {"features": "patch", "patch_size": 2, "hu_scale": 500.0}

@@ -10,7 +10,7 @@ from ctsparse.collate import collate
 from ctsparse.config import ModelConfig
 from ctsparse.models import create_model
 from ctsparse.models.registry import BUILTIN, available, get_engine
-from ctsparse.sparse import SparseVolume
+from ctsparse.sparse_volume import SparseVolume
 
 pytest.importorskip("MinkowskiEngine", reason="MinkowskiEngine is not installed: run scripts/setup.sh")
 

@@ -8,15 +8,7 @@ import numpy as np
 import pytest
 
 from ctsparse.config import PreprocessConfig
-from ctsparse.profile_report import (
-    coarse_histogram,
-    hu_histogram,
-    kept_slices,
-    percentiles_from_hist,
-    summarize,
-    sweep_counts,
-)
-from ctsparse.profiling import (
+from ctsparse.meters import (
     Timer,
     current_rss_bytes,
     format_bytes,
@@ -24,6 +16,14 @@ from ctsparse.profiling import (
     peak_memory,
     peak_rss_bytes,
     stage,
+)
+from ctsparse.profile import (
+    coarse_histogram,
+    hu_histogram,
+    kept_slices,
+    percentiles_from_hist,
+    summarize,
+    sweep_counts,
 )
 from ctsparse.sparsify import sparsify
 from ctsparse.volume import Volume

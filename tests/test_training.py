@@ -326,7 +326,7 @@ def test_learning_path_generalizes_on_a_find_the_block_task() -> None:
     import numpy as np
     import torch
 
-    from ctsparse.sparse import SparseVolume
+    from ctsparse.sparse_volume import SparseVolume
     from ctsparse.training.epoch import evaluate, run_epoch
 
     def make(n: int, seed: int) -> list[tuple[SparseVolume, int]]:

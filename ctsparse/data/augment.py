@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ctsparse.config import AugmentConfig
-from ctsparse.sparse import SparseVolume
+from ctsparse.sparse_volume import SparseVolume
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ctsparse.config import ModelConfig
 from ctsparse.models.engine import Check, Engine
-from ctsparse.sparse import SparseVolume
+from ctsparse.sparse_volume import SparseVolume
 
 
 def _onednn_ok(x: torch.Tensor) -> bool:

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import torch
 
     from ctsparse.config import ModelConfig
-    from ctsparse.sparse import SparseVolume
+    from ctsparse.sparse_volume import SparseVolume
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from torch import nn
 from ctsparse.config import ModelConfig
 from ctsparse.models import minkowski
 from ctsparse.models.engine import Engine
-from ctsparse.sparse import SparseVolume
+from ctsparse.sparse_volume import SparseVolume
 
 
 def _kernel(cfg: ModelConfig, size: int, stride: int = 1) -> ME.KernelGenerator:

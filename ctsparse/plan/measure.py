@@ -158,8 +158,8 @@ def _measure_step(
     import torch
 
     from ctsparse.collate import collate
+    from ctsparse.meters import peak_memory
     from ctsparse.models import create_model
-    from ctsparse.profiling import peak_memory
 
     torch.manual_seed(0)
     model = create_model(cfg, sv.n_channels, num_classes).to(dev)

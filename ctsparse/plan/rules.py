@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ctsparse.config import AugmentConfig, PreprocessConfig
+from ctsparse.meters import format_bytes
 from ctsparse.plan.fingerprint import PATCH_SIZES, Fingerprint
 from ctsparse.plan.intensity import KIND_TEXT
 from ctsparse.plan.measure import Machine, Measurements
 from ctsparse.plan.records import Plan, Planned
 from ctsparse.plan.summary import median_sites, summarize
-from ctsparse.profiling import format_bytes
 
 # Grid and patch size. The median scan should give the network at most this many sites: a training
 # step of the default network took about 30 µs per site with the cube kernel and 12 µs with the

@@ -18,7 +18,7 @@ import torch
 from ctsparse.collate import collate
 from ctsparse.config import Config
 from ctsparse.data import augment
-from ctsparse.sparse import SparseVolume
+from ctsparse.sparse_volume import SparseVolume
 from ctsparse.training.distributed import Dist, per_rank_batch, shard
 from ctsparse.training.metrics import classification_metrics
 

@@ -35,7 +35,7 @@ def row(
     seconds: float,
     dev: torch.device,
 ) -> dict[str, Any]:
-    from ctsparse.profiling import peak_rss_bytes
+    from ctsparse.meters import peak_rss_bytes
 
     cuda = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else float("nan")
     return {

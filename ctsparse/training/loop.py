@@ -33,7 +33,7 @@ from ctsparse.models.checkpoint import load_checkpoint, save_checkpoint
 from ctsparse.models.registry import get_engine
 from ctsparse.ood import scan_quantities, training_ranges
 from ctsparse.prepare import prepare_scans
-from ctsparse.sparse import SparseVolume
+from ctsparse.sparse_volume import SparseVolume
 from ctsparse.training import distributed as ddp
 from ctsparse.training import history as hist
 from ctsparse.training.epoch import EpochProgress, evaluate, predict_logits, probs_metrics, run_epoch

@@ -16,8 +16,8 @@ import numpy.typing as npt
 from ctsparse.config import PreprocessConfig
 from ctsparse.errors import CtsparseError
 from ctsparse.inputs import InputItem
-from ctsparse.profiling import Timer, peak_memory
-from ctsparse.sparse import SparseVolume
+from ctsparse.meters import Timer, peak_memory
+from ctsparse.sparse_volume import SparseVolume
 from ctsparse.sparsify import sparsify
 
 DEFAULT_SWEEP: tuple[float, ...] = (-900, -700, -500, -300, -100, 100, 300, 500)

@@ -1,4 +1,4 @@
-"""Timers and memory probes. Nothing here prints: callers render the numbers.
+"""Meters: timers and memory probes. Nothing here prints: callers render the numbers.
 
 Peak memory of a block: Linux lets a process reset its RSS high-water mark (VmHWM) by writing "5"
 to /proc/self/clear_refs, so `peak_memory()` measures the peak *during* the block instead of the
