@@ -88,11 +88,15 @@ def make_phantom(
         sp[:2] *= g_geo.uniform(0.9, 1.1)
         dims[2] = max(round(dims[2] * g_geo.uniform(0.8, 1.1)), 4)
     nx, ny, nz = (int(d) for d in dims)
+    an = draw_anatomy(g_anat)
+    if vary_geometry:
+        # a smaller field of view must still hold the lungs: a scanner's display field is chosen
+        # to cover the chest, and lungs cut by the image edge would open onto the outside air
+        need = _cavity_half_extent(an) + 10.0
+        sp[:2] = max(float(sp[0]), float(np.max(need / ((dims[:2] - 1) / 2))))
     origin = -(dims - 1) / 2 * sp
     affine = np.diag([*sp, 1.0])
     affine[:3, 3] = origin
-
-    an = draw_anatomy(g_anat)
     # at least two voxels of air between body and table, so the body mask can drop the table
     an = replace(an, table_gap=max(an.table_gap, 2.0 * float(sp[1])))
     x = (origin[0] + np.arange(nx) * sp[0]).astype(np.float32)[:, None, None]
@@ -140,6 +144,16 @@ def make_phantom(
     np.rint(np.clip(hu, -1024.0, 3071.0, out=hu), out=hu)
     meta |= {"noise_sd": round(noise_sd, 2), "contrast": bool(an.hu_blood > 100.0)}
     return Volume(array=hu, affine=affine, source=source, meta=meta)
+
+
+def _cavity_half_extent(an: Anatomy) -> F64:
+    """|x| and |y| (world mm) up to which the thoracic cavity reaches, measured from the origin."""
+    vc, ac, bc = an.cavity
+    c, s = np.cos(an.theta), np.sin(an.theta)
+    centre = np.array([an.cx - s * vc, an.cy + c * vc])
+    half = np.array([np.hypot(ac * c, bc * s), np.hypot(ac * s, bc * c)])
+    out: F64 = np.abs(centre) + half
+    return out
 
 
 def _body_uv(
