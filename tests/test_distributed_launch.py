@@ -6,6 +6,7 @@ Every rendezvous is on 127.0.0.1 with a free port, so nothing listens beyond thi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -74,6 +75,19 @@ def _rank_pid(agent: int, rank: int, timeout: float = 60) -> int:
     raise AssertionError(f"no worker with RANK={rank} under torchrun {agent}")
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a torchrun agent and its workers: a failed test must not leave ranks waiting in a
+    collective (they would ignore SIGTERM and hold two cores)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for child in children:
+        _kill_tree(int(child))
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
 def _wait_for_epochs(proc: subprocess.Popen[str], history: Path, n: int, timeout: float = 300) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -82,7 +96,7 @@ def _wait_for_epochs(proc: subprocess.Popen[str], history: Path, n: int, timeout
             return float(rows[-1]["epoch_time_s"])
         assert proc.poll() is None, f"torchrun ended (rc {proc.returncode}) before epoch {n}"
         time.sleep(0.02)
-    proc.kill()
+    _kill_tree(proc.pid)
     raise AssertionError(f"no epoch {n} after {timeout} s")
 
 
@@ -105,7 +119,7 @@ def test_sigterm_to_one_rank_stops_both_then_resume_on_one_process(
         rc = proc.wait(timeout=120)  # both ranks reached the stop; no rank hangs
     finally:
         if proc.poll() is None:
-            proc.kill()
+            _kill_tree(proc.pid)
     text = (tmp_path / "job.log").read_text()
     assert rc != 0, text  # torchrun reports its workers' exit code 130 as a failure
     assert "interrupted" in text and "Traceback" not in text.split("interrupted")[0], text
@@ -167,7 +181,7 @@ def test_two_launchers_as_two_nodes_share_a_run_folder(tiny_dataset: Path, tmp_p
         finally:
             for p in procs:
                 if p.poll() is None:
-                    p.kill()
+                    _kill_tree(p.pid)
         return [
             subprocess.CompletedProcess(p.args, p.returncode, o, e)
             for p, (o, e) in zip(procs, outputs, strict=True)

@@ -120,10 +120,12 @@ def test_time_budget_stops_at_an_epoch_boundary(tiny_dataset: Path, tmp_path: Pa
     assert train(tiny_dataset, tmp_path / "free", cfg, device="cpu").epochs_run == 2
 
 
+@pytest.mark.slow
 def test_train_workers_fill_the_cache_from_class_folders(tiny_dataset: Path, tmp_path: Path) -> None:
     """`train --workers 2` on a DATA/<class>/ layout with one corrupt scan: the spawned workers
     fill the cache with exactly what an in-process sparsify makes, the bad scan is a skipped row,
-    and split.json is the seeded stratified split of the readable scans."""
+    split.json is the seeded stratified split of the readable scans, and the run is the run
+    without workers (each scan paired with its own label)."""
     import numpy as np
 
     from ctsparse.data.datasets import discover_dataset, stratified_split
@@ -137,10 +139,12 @@ def test_train_workers_fill_the_cache_from_class_folders(tiny_dataset: Path, tmp
     (data / "normal" / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
     out = tmp_path / "run"
     sets = [x for s in [*TINY_TRAIN, "train.epochs=1", "train.val_fraction=0.25"] for x in ("--set", s)]
-    res = CliRunner().invoke(
-        app, ["train", str(data), "--out", str(out), "--device", "cpu", "--no-plan", "--workers", "2", *sets]
-    )
+    args = ["train", str(data), "--device", "cpu", "--no-plan", "--threads", "1", *sets]
+    res = CliRunner().invoke(app, [*args, "--out", str(out), "--workers", "2"])
     assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "serial"), "--workers", "0"])
+    assert res.exit_code == 0, res.output
+    assert _untimed(_history(out / "history.csv")) == _untimed(_history(tmp_path / "serial" / "history.csv"))
     split = json.loads((out / "split.json").read_text())
     assert len(split["skipped"]) == 1 and "broken.nii.gz" in split["skipped"][0]
     cfg = load_config(None, [*TINY_TRAIN, "train.val_fraction=0.25"])
