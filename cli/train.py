@@ -20,7 +20,7 @@ from rich.progress import (
 
 from ctsparse.errors import CtsparseError
 
-from .console import State, console, handles_errors, warn_line
+from .console import State, console, handles_errors, is_tty, warn_line
 from .plan import planning_status, render_planning
 from .render import fmt_float, fmt_pct, make_table, write_text_atomic
 
@@ -61,6 +61,11 @@ class TrainDisplay:
             self.pre = p.add_task("preprocess", total=info["n"], info="")
         elif kind == "preprocess":
             p.update(self.pre, completed=info["i"], info=Path(info["path"]).name)
+            # a log file gets no live bar: one line per tenth of the scans instead
+            step = max(1, info["n"] // 10)
+            if not is_tty() and (info["i"] % step == 0 or info["i"] == info["n"]):
+                elapsed = p.tasks[self.pre].elapsed or 0.0
+                p.console.print(f"preprocessed {info['i']}/{info['n']} scans in {elapsed:.0f} s")
         elif kind == "skipped":
             warn_line(f"skipped {info['error']}")
         elif kind == "start":
