@@ -181,3 +181,21 @@ def test_the_cross_kernel_check_keeps_the_thread_count() -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("backend", sorted(BUILTIN))
+def test_input_pooling_trains_on_a_batch_of_one_scan(backend: str) -> None:
+    """An epoch's last batch can hold a single scan; its pooled inputs have no batch statistics."""
+    rng = np.random.default_rng(2)
+    cfg = ModelConfig(backend=backend, widths=[4, 8], depths=[1, 1], input_pooling=True)
+    model = create_model(cfg, 2, 2).train()
+    norm = model.input_norm
+    before = norm.running_mean.clone()
+    batch = collate([random_sv(rng, channels=2)], None, cfg, torch.device("cpu"))
+    loss = model(batch.inputs).sum()
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.equal(norm.running_mean, before)  # one scan does not move the running statistics
+    two = collate([random_sv(rng, channels=2), random_sv(rng, channels=2)], None, cfg, torch.device("cpu"))
+    model(two.inputs)
+    assert not torch.equal(norm.running_mean, before)  # a real batch does

@@ -15,6 +15,7 @@ from torch import nn
 
 from ctsparse.config import ModelConfig
 from ctsparse.models.engine import Check, Engine
+from ctsparse.models.pooled_norm import PooledNorm
 from ctsparse.sparse_volume import SparseVolume
 
 
@@ -119,7 +120,7 @@ class DenseResNet(nn.Module):
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.input_norm = nn.BatchNorm1d(2 * in_channels) if cfg.input_pooling else None
+        self.input_norm = PooledNorm(2 * in_channels) if cfg.input_pooling else None
         self.num_features = 2 * w[-1] + (2 * in_channels if cfg.input_pooling else 0)
         self.head = nn.Linear(self.num_features, num_classes)
 
