@@ -55,17 +55,17 @@ class NoRegionError(ValueError):
     """The requested region is not in the scan (e.g. no lungs in a head CT)."""
 
 
-def _ball_steps(radius_mm: float, spacing: Sequence[float], cover: bool = False) -> list[BoolArray]:
+def _ball_steps(radius_mm: float, spacing: Sequence[float], cube_first: bool = False) -> list[BoolArray]:
     """3x3x3 structuring elements whose successive dilations approximate a ball of `radius_mm`.
 
     Crosses and cubes alternate (an octagon-like polyhedron, within a voxel of the ball), and an
     axis drops out once its radius in voxels is reached, so anisotropic voxels get an ellipsoid.
     A few passes with 7-27 neighbours cost far less than one with a ball's hundreds: at 2 mm a
     10 mm closing takes 0.4 s instead of 2.2 s, and at 0.7 mm the ball would have 12 k offsets.
-    `cover`: round the radius in voxels up, so that every voxel within `radius_mm` is reached.
+    `cube_first`: start with a cube, which for a radius of one or two voxels is the closer match
+    (a voxel's edge neighbours lie within 1.5 voxels, its face neighbours within 1).
     """
-    rounding = np.ceil if cover else np.floor
-    radius = [int(rounding(radius_mm / s)) for s in spacing]
+    radius = [int(np.floor(radius_mm / s)) for s in spacing]
     steps = []
     for i in range(max(radius, default=0)):
         active = [a for a in range(3) if i < radius[a]]
@@ -74,7 +74,7 @@ def _ball_steps(radius_mm: float, spacing: Sequence[float], cover: bool = False)
             d = [o - 1 for o in off]
             if any(d[a] for a in range(3) if a not in active):
                 continue
-            if i % 2 == 0 and sum(map(abs, d)) > 1:  # the cross: centre and face neighbours
+            if (i + cube_first) % 2 == 0 and sum(map(abs, d)) > 1:  # a cross: face neighbours only
                 continue
             st[off] = True
         steps.append(st)
@@ -121,7 +121,7 @@ def _lung_labels(
     if not body.all():
         # body voxels within OUTLINE_MM of the outside: the outside dilated by that much (an
         # approximate ball, see _ball_steps; a distance transform of the box costs 4x more)
-        close_to_outside = _dilate(~body, _ball_steps(OUTLINE_MM, sp, cover=True))
+        close_to_outside = _dilate(~body, _ball_steps(OUTLINE_MM, sp, cube_first=True))
         near = np.bincount(lab[surface & close_to_outside], minlength=n + 1)
     objects = ndimage.find_objects(lab)
     ok: dict[int, float] = {}
