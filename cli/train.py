@@ -270,7 +270,11 @@ def _plan_run(
     for f in PLAN_FILES:  # from an earlier run in this folder
         (out / f).unlink(missing_ok=True)
     with planning_status() as on_event:
-        planning = plan_dataset(data, measure=not no_measure, device=device, on_event=on_event)
+        # a time budget given on the command line is what the schedule is planned for
+        minutes = resolve_config({}, overrides).train.max_minutes
+        planning = plan_dataset(
+            data, measure=not no_measure, device=device, train_minutes=minutes, on_event=on_event
+        )
     render_planning(planning)
     cfg = resolve_config(planning.plan.values, overrides)
     write_plan_json(out / "plan.json", plan_record(planning, cfg, overrides))

@@ -39,8 +39,11 @@ def test_hu_chest_phantoms_plan_hu_defaults_and_the_lung_region(chest_fp: Finger
     assert fp.site_threshold == -500.0
     plan = make_plan(fp, None, BUDGET)
     v = plan.values
-    assert v["preprocess.threshold"].value == -500.0
-    assert "values are HU" in v["preprocess.threshold"].reason
+    # HU data inside the lung region: keep what is denser than aerated lung, on a lung window
+    assert v["preprocess.threshold"].value == -700.0
+    assert "lung region" in v["preprocess.threshold"].reason
+    assert (v["preprocess.hu_center"].value, v["preprocess.hu_scale"].value) == (-400.0, 500.0)
+    assert "values are HU" in v["preprocess.window"].reason
     assert v["preprocess.window"].value == [-1000.0, 1000.0]
     assert v["preprocess.region"].value == "lungs"
     assert (
@@ -130,10 +133,11 @@ def test_make_plan_is_pure_and_survives_json(tmp_path: Path) -> None:
 
 
 def test_batch_and_epochs_follow_the_measurement(tmp_path: Path) -> None:
-    fp = fingerprint(write_dataset(tmp_path, "uint8", n_per_class=10))
-    assert fp.n_train == 16
+    fp = fingerprint(write_dataset(tmp_path, "uint8", n_per_class=40))
+    assert fp.n_train == 64
     fast = make_plan(fp, _measured(fp, 0.01, 0.01, 2), BUDGET).values
-    assert fast["train.batch_size"].value == 4  # capped by 16 train scans / 4
+    assert fast["train.batch_size"].value == 4  # capped by 64 train scans / 16 steps per epoch
+    assert fast["train.lr"].value == pytest.approx(0.0025)  # 0.005 at batch 8, scaled
     assert fast["train.epochs"].value == 100 and fast["train.max_minutes"].value == 10.0
     slow = make_plan(fp, _measured(fp, 10.0, 10.0, 2), BUDGET).values
     assert slow["train.epochs"].value == 10 and "after about" in slow["train.max_minutes"].reason

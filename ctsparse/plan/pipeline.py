@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +33,20 @@ def plan_dataset(
     device: str = "auto",
     max_scans: int = MAX_SCANS,
     seed: int = 0,
+    train_minutes: float | None = None,
     on_event: Event | None = None,
 ) -> Planning:
-    """Fingerprint the dataset, time the candidates on `device` (unless measure=False), plan."""
+    """Fingerprint the dataset, time the candidates on `device` (unless measure=False), plan.
+
+    Args:
+        train_minutes: the training time budget the schedule is planned for (default: the
+            device's, rules.TRAIN_MINUTES).
+    """
     emit = on_event or (lambda kind, info: None)
     fp = fingerprint(data, max_scans=max_scans, seed=seed, on_event=emit)
     budget = Budget.for_machine(machine(device))
+    if train_minutes is not None:
+        budget = replace(budget, train_minutes=train_minutes)
     meas = None
     if measure:
         cfg = resolve_config(plan_preprocess(fp, budget))

@@ -43,9 +43,20 @@ CROSS_SPEEDUP = 1.5
 # Batch. Memory per scan x batch within this share of the RAM (or GPU memory), which leaves room
 # for the cache, the data, the validation pass and whatever else runs; and at least this many
 # steps per epoch, or a small dataset gets a handful of updates per epoch.
-BATCH_CHOICES = (2, 4, 8, 16)
+BATCH_CHOICES = (2, 4, 8)
 MEMORY_SHARE = 0.25
-MIN_STEPS_PER_EPOCH = 4
+# A few hundred scans make a few dozen steps per epoch at batch 8; larger batches left the
+# phantom model at chance after a 10-minute budget (too few optimizer steps), smaller ones are
+# noisier per step and slower per scan.
+MIN_STEPS_PER_EPOCH = 16
+# Learning rate for AdamW at batch 8, scaled linearly with the batch (chosen on tuning phantoms,
+# where 0.002 at batch 16 had not left chance after 40 steps and 0.005 at batch 8 learned).
+LR_AT_BATCH_8 = 0.005
+# The lung region keeps what is denser than aerated lung: vessels, airways' walls and nodules,
+# with their partial-volume rim (a 6 mm nodule on a 2-4 mm grid peaks well below soft tissue).
+# The window maps -900..+100 HU, lung to soft tissue, to [-1, 1].
+LUNG_THRESHOLD_HU = -700.0
+LUNG_CENTER_HU, LUNG_SCALE_HU = -400.0, 500.0
 # Schedule. The training loop's time budget (preprocessing into the cache comes on top).
 TRAIN_MINUTES = {"cpu": 10.0, "cuda": 30.0}
 EPOCHS = (10, 100)  # fewer than 10 barely leaves the warm-up; more than 100 is overfitting time
@@ -89,9 +100,7 @@ def _intensity(fp: Fingerprint, s: dict[str, Any]) -> dict[str, Planned]:
             "preprocess.threshold": Planned(
                 d.threshold, f"{why}: the HU body threshold splits air from tissue"
             ),
-            "preprocess.window": Planned(
-                d.window, "HU default: air below and metal above it carry no signal"
-            ),
+            "preprocess.window": Planned(d.window, f"{why}: air below and metal above it carry no signal"),
             "preprocess.hu_center": Planned(d.hu_center, "HU default: the window maps to [-1, 1]"),
             "preprocess.hu_scale": Planned(d.hu_scale, "HU default: the window maps to [-1, 1]"),
             "preprocess.body_mask": Planned(True, "HU: the largest component above -500 HU drops the table"),
@@ -151,7 +160,17 @@ def _region(fp: Fingerprint) -> dict[str, Planned]:
             region = Planned("body", f"{found} (a chest CT dataset needs {LUNG_SHARE:.0%}): the whole body")
     lungs_on = region.value == "lungs"
     why = "lung region: one more channel, the round-lesion (dot) filter" if lungs_on else "body region"
-    return {"preprocess.region": region, "preprocess.blob_channel": Planned(lungs_on, why)}
+    out = {"preprocess.region": region, "preprocess.blob_channel": Planned(lungs_on, why)}
+    if lungs_on:
+        out["preprocess.threshold"] = Planned(
+            LUNG_THRESHOLD_HU,
+            f"lung region: keep what is denser than aerated lung ({LUNG_THRESHOLD_HU:g} HU), vessels and "
+            "nodules with their partial-volume rim",
+        )
+        lung_window = "lung region: (HU - center) / scale maps -900..+100 HU, lung to soft tissue, to [-1, 1]"
+        out["preprocess.hu_center"] = Planned(LUNG_CENTER_HU, lung_window)
+        out["preprocess.hu_scale"] = Planned(LUNG_SCALE_HU, lung_window)
+    return out
 
 
 def _grid(fp: Fingerprint, region: str, budget: Budget) -> dict[str, Planned]:
@@ -281,8 +300,10 @@ def _training(
     m_why = "the time budget: the run stops at the first epoch boundary that would overrun it"
     if epochs * epoch_s > budget_s:
         m_why += f" (after about {max(1, int(raw))} of {epochs} epochs)"
+    lr = _r(LR_AT_BATCH_8 * batch / 8)
     return {
         "train.batch_size": Planned(batch, b_why),
+        "train.lr": Planned(lr, f"{LR_AT_BATCH_8:g} at batch 8, scaled linearly with the batch"),
         "train.epochs": Planned(epochs, e_why),
         "train.patience": Planned(patience, f"{PATIENCE_SHARE:.0%} of the epochs (at least {PATIENCE_MIN})"),
         "train.max_minutes": Planned(budget.train_minutes, m_why),
