@@ -1,7 +1,8 @@
 """Short measurements on this device: one training step of the planned model on a real scan.
 
-Steps run on a batch of two copies of the representative scan (the model's input pooling has a
-BatchNorm that needs two samples in training mode); every figure is reported per scan.
+Steps run on a batch of BATCH copies of the representative scan: a step has fixed costs (kernel
+maps, Python, the optimizer) that a batch of one or two scans would charge to the scan at several
+times its share. Every figure is reported per scan.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ from ctsparse.config import ModelConfig, PreprocessConfig
 from ctsparse.errors import CtsparseError
 from ctsparse.plan.fingerprint import Fingerprint
 
-REPEATS = 3  # timed steps per candidate after one warm-up step; the median is kept
+REPEATS = 5  # timed steps per candidate after WARMUP steps; the median is kept
+# The first steps are slower than the rest (allocator pools, first kernel maps, thread start-up):
+# after one warm-up step the next was still up to 3x slower here.
+WARMUP = 2
+BATCH = 4
 # A candidate whose warm-up step alone takes this long is timed once: the whole measurement must
 # stay within about a minute on a 2-core CPU.
 SLOW_STEP_S = 4.0
@@ -165,10 +170,10 @@ def _measure_step(
     model = create_model(cfg, sv.n_channels, num_classes).to(dev)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    labels = [0, 1 % num_classes]
+    labels = [i % num_classes for i in range(BATCH)]
 
     def step() -> None:
-        batch = collate([sv, sv], labels, cfg, dev)
+        batch = collate([sv] * BATCH, labels, cfg, dev)
         assert batch.labels is not None
         loss = torch.nn.functional.cross_entropy(model(batch.inputs), batch.labels)
         opt.zero_grad(set_to_none=True)
@@ -190,11 +195,14 @@ def _measure_step(
             step()
         peak, method = mem.delta_bytes, f"RSS ({mem.method})"
     first = time.perf_counter() - t0
+    if first < SLOW_STEP_S:
+        for _ in range(WARMUP - 1):
+            step()
     times = []
     for _ in range(repeats if first < SLOW_STEP_S else 1):
         t0 = time.perf_counter()
         step()
-        times.append((time.perf_counter() - t0) / 2)
+        times.append((time.perf_counter() - t0) / BATCH)
     fig = StepFigure(
         kernel=cfg.kernel,
         patch_size=0,
@@ -202,6 +210,6 @@ def _measure_step(
         channels=sv.n_channels,
         step_s=statistics.median(times),
         step_all_s=[round(t, 5) for t in times],
-        peak_bytes=int(peak // 2),
+        peak_bytes=int(peak // BATCH),
     )
     return fig, method

@@ -39,7 +39,7 @@ LUNG_SHARE = 0.9
 CHEST_LUNG_ML = 300.0
 # Kernel. The cross sees 7 of the 27 neighbours per layer (a smaller receptive field): worth it
 # only for a clear gain in step time.
-CROSS_SPEEDUP = 1.5
+CROSS_SPEEDUP = 1.3
 # Batch. Memory per scan x batch within this share of the RAM (or GPU memory), which leaves room
 # for the cache, the data, the validation pass and whatever else runs; and at least this many
 # steps per epoch, or a small dataset gets a handful of updates per epoch.
