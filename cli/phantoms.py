@@ -56,7 +56,7 @@ def _check_range(text: str) -> str:
 def phantoms(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the scans and labels.csv into.")],
     *,
-    n: Annotated[int, typer.Option("--n", "-n", min=1, help="Number of scans.")] = 20,
+    n: Annotated[int, typer.Option("--n", "-n", min=1, help="Number of scans.")] = 200,
     seed: Annotated[int, typer.Option(min=0, help="Seed; the same seed writes identical scans.")] = 0,
     format: Annotated[
         PhantomFormat, typer.Option("--format", "-f", help="File format.")

@@ -52,7 +52,7 @@ def test_hu_chest_phantoms_plan_hu_defaults_and_the_lung_region(chest_fp: Finger
     )
     assert v["preprocess.blob_channel"].value is True and v["model.input_pooling"].value is True
     assert v["preprocess.body_mask"].value is True
-    assert v["model.kernel"].value == "cube" and "not measured" in v["model.kernel"].reason
+    assert v["model.kernel"].value == "cross" and "not measured" in v["model.kernel"].reason
     assert not plan.measured and not plan.notes
     assert all(p.reason for p in v.values())
     cfg = resolve_config(v)  # every planned value is a valid config value

@@ -100,7 +100,7 @@ def test_kept_slices_follow_crop_and_patch():
     arr = np.full((12, 10, 8), -1000.0, dtype=np.float32)
     arr[3:9, 2:6, 2:6] = 40.0
     vol = Volume(arr, np.diag([0.7, 0.7, 2.0, 1.0]), "x.nii")
-    for cfg in (PreprocessConfig(), PreprocessConfig(features="patch", patch_size=2)):
+    for cfg in (PreprocessConfig(features="hu"), PreprocessConfig(features="patch", patch_size=2)):
         sv = sparsify(vol, cfg)
         sx, sy, sz = kept_slices(sv, vol.affine, vol.shape)
         assert sx.shape == (10, 8) and sy.shape == (12, 8) and sz.shape == (12, 10)

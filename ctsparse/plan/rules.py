@@ -254,11 +254,14 @@ def measure_candidates(fp: Fingerprint, budget: Budget) -> list[tuple[str, int]]
 
 def _kernel(meas: Measurements | None, k: int) -> Planned:
     if meas is None:
-        return Planned("cube", "not measured: cube, the default (all 27 neighbours)")
+        return Planned("cross", "not measured: cross, the default (2-4x faster than the cube on CPU)")
     cube, cross = meas.step("cube", k), meas.step("cross", k)
     if cube is None or cross is None:
         missing = "; ".join(meas.errors) or "not measured"
-        return Planned("cube", f"cube and cross not both measured ({missing}): cube, the default")
+        if cube is None and cross is None:
+            return Planned("cross", f"neither kernel measured ({missing}): cross, the default")
+        only = "cross" if cross is not None else "cube"
+        return Planned(only, f"cube and cross not both measured ({missing}): {only}, the one that ran")
     speed = cube.step_s / cross.step_s
     times = f"{cube.step_s * 1e3:.0f} vs {cross.step_s * 1e3:.0f} ms per scan and step"
     if speed >= CROSS_SPEEDUP:
