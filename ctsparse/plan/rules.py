@@ -63,6 +63,9 @@ EPOCHS = (10, 100)  # fewer than 10 barely leaves the warm-up; more than 100 is 
 PATIENCE_SHARE = 1 / 3  # the default config's 10 of 30 epochs
 PATIENCE_MIN = 5
 EVAL_COST = 0.35  # a validation forward costs about a third of a training step
+# An epoch costs more than its measured steps: augmentation, collation, per-batch overhead. On the
+# demo's phantoms (2 cores) epochs took 1.6x the measured steps plus validation.
+EPOCH_OVERHEAD = 1.6
 # Without a measurement (--no-measure): per site and per scan of a training step, erring high
 # (measured on the 2-core CPU: 30 µs and 1-1.3 kB per site with the cube kernel).
 STEP_S_PER_SITE = {"cpu": 4e-5, "cuda": 4e-6}
@@ -291,13 +294,14 @@ def _training(
     )
     if not fits:
         b_why += f": none of {list(BATCH_CHOICES)} fits both, the smallest"
-    epoch_s = max(fp.n_train * step + fp.n_val * step * EVAL_COST, 1e-3)
+    epoch_s = max((fp.n_train * step + fp.n_val * step * EVAL_COST) * EPOCH_OVERHEAD, 1e-3)
     budget_s = budget.train_minutes * 60
     raw = budget_s / epoch_s
     epochs = min(max(int(raw), EPOCHS[0]), EPOCHS[1])
     e_why = (
         f"{budget.train_minutes:g} min / {epoch_s:.1f} s per epoch ({fp.n_train} train scans x "
-        f"{step * 1e3:.0f} ms, {src}, + validation) = {raw:.0f}, within {EPOCHS[0]}..{EPOCHS[1]}"
+        f"{step * 1e3:.0f} ms, {src}, + validation, x {EPOCH_OVERHEAD:g} for the rest of an epoch) = "
+        f"{raw:.0f}, within {EPOCHS[0]}..{EPOCHS[1]}"
     )
     patience = min(epochs, max(PATIENCE_MIN, round(epochs * PATIENCE_SHARE)))
     m_why = "the time budget: the run stops at the first epoch boundary that would overrun it"
