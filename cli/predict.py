@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
+from . import options
 from .console import console, handles_errors
 from .render import (
     add_error_row,
@@ -30,20 +31,12 @@ def predict(
         list[str], typer.Argument(help="NIfTI files, DICOM folders, dataset folders or globs.")
     ],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write rows to .csv or .json.")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Scans per forward pass.")] = 1,
-    series: Annotated[
-        str | None, typer.Option("--series", help="SeriesInstanceUID to take from multi-series folders.")
-    ] = None,
-    threads: Annotated[
-        int | None, typer.Option(min=1, help="CPU threads for torch/ME (default: all cores).")
-    ] = None,
-    workers: Annotated[
-        int, typer.Option(min=0, help="Processes that read and sparsify scans ahead of the model.")
-    ] = 0,
-    allow_non_ct: Annotated[
-        bool, typer.Option("--allow-non-ct", help="Read DICOM series of other modalities (MR, PT, ...).")
-    ] = False,
+    device: options.Device = "auto",
+    batch_size: options.BatchSize = 1,
+    series: options.Series = None,
+    threads: options.Threads = None,
+    workers: options.Workers = 0,
+    allow_non_ct: options.AllowNonCT = False,
 ) -> None:
     """Predict labels for CT scans with a trained checkpoint.
 

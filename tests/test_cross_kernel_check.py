@@ -28,24 +28,7 @@ def _unpatched_cross_offsets() -> tuple[tuple[int, int, int], ...]:
     """The first 7 cube offsets in ME's kernel order, read off a real kernel map."""
     import torch
 
-    r = torch.arange(-1, 2)
-    block = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
-    coords = torch.cat([torch.zeros(len(block), 1, dtype=torch.int64), block], 1).int()
-    manager = ME.CoordinateManager(D=3, num_threads=1)
-    x = ME.SparseTensor(torch.zeros(len(block), 1), coordinates=coords, coordinate_manager=manager)
-    maps = manager.kernel_map(
-        x.coordinate_map_key,
-        x.coordinate_map_key,
-        stride=1,
-        kernel_size=3,
-        region_type=ME.RegionType.HYPER_CUBE,
-    )
-    centre = int(((x.C[:, 1:] == 0).all(1)).nonzero()[0, 0])
-    offsets = []
-    for k in sorted(maps)[:7]:
-        (src,) = maps[k][0][maps[k][1] == centre].tolist()
-        offsets.append(tuple(int(v) for v in x.C[src, 1:]))
-    return tuple(offsets)  # type: ignore[return-value]
+    return minkowski._read_offsets(ME, torch, "HYPER_CUBE")[:7]
 
 
 @pytest.fixture

@@ -65,7 +65,9 @@ def cross_kernel_offsets() -> tuple[tuple[int, int, int], ...] | None:
         torch.set_num_threads(threads)
 
 
-def _read_offsets(ME: Any, torch: Any) -> tuple[tuple[int, int, int], ...]:
+def _read_offsets(ME: Any, torch: Any, region: str = "HYPER_CROSS") -> tuple[tuple[int, int, int], ...]:
+    """The offsets of a size-3 kernel of `region` in ME's kernel order, read off a real kernel map
+    of a 3x3x3 block (empty if the map does not give each offset one input site)."""
     r = torch.arange(-1, 2)
     block = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
     coords = torch.cat([torch.zeros(len(block), 1, dtype=torch.int64), block], 1).int()
@@ -76,7 +78,7 @@ def _read_offsets(ME: Any, torch: Any) -> tuple[tuple[int, int, int], ...]:
         x.coordinate_map_key,
         stride=1,
         kernel_size=3,
-        region_type=ME.RegionType.HYPER_CROSS,
+        region_type=getattr(ME.RegionType, region),
     )
     centre = int(((x.C[:, 1:] == 0).all(1)).nonzero()[0, 0])
     offsets: list[tuple[int, int, int]] = []
