@@ -118,6 +118,19 @@ def _measured(fp: Fingerprint, cube_s: float, cross_s: float, k: int) -> Measure
     return Measurements("cpu", 2, "s0.nii.gz", None, "body", "RSS", 3.0, steps)
 
 
+def test_a_patch_size_that_leaves_too_few_epochs_gives_way_to_a_measured_coarser_one(tmp_path: Path) -> None:
+    fp = fingerprint(write_dataset(tmp_path, "uint8"))  # 1 mm voxels: 2^3 and 4^3 within 8 mm
+    assert make_plan(fp, None, BUDGET).values["preprocess.patch_size"].value == 2
+    slow2, fast4 = _measured(fp, 10.0, 10.0, 2), _measured(fp, 0.01, 0.01, 4)
+    both = Measurements("cpu", 2, "s0.nii.gz", None, "body", "RSS", 3.0, [*slow2.steps, *fast4.steps])
+    v = make_plan(fp, both, BUDGET).values
+    assert v["preprocess.patch_size"].value == 4
+    assert "epochs" in v["preprocess.patch_size"].reason and "4^3 fits" in v["preprocess.patch_size"].reason
+    fast2 = _measured(fp, 0.01, 0.01, 2)
+    roomy = Measurements("cpu", 2, "s0.nii.gz", None, "body", "RSS", 3.0, [*fast2.steps, *fast4.steps])
+    assert make_plan(fp, roomy, BUDGET).values["preprocess.patch_size"].value == 2  # enough epochs at 2
+
+
 def test_make_plan_is_pure_and_survives_json(tmp_path: Path) -> None:
     fp = fingerprint(write_dataset(tmp_path, "uint8"))
     meas = _measured(fp, 0.3, 0.1, 2)

@@ -60,6 +60,10 @@ LUNG_CENTER_HU, LUNG_SCALE_HU = -400.0, 500.0
 # Schedule. The training loop's time budget (preprocessing into the cache comes on top).
 TRAIN_MINUTES = {"cpu": 10.0, "cuda": 30.0}
 EPOCHS = (10, 100)  # fewer than 10 barely leaves the warm-up; more than 100 is overfitting time
+# A patch size whose epochs fit fewer than this many times into the budget gives way to the next
+# measured one within the input-grid limit: at 2 mm, 2^3 patches (21 k sites) left 8 epochs in 10
+# minutes on 2 cores, too few to learn anything, where 4^3 patches (5 k sites) leave about 20.
+MIN_EPOCHS_IN_BUDGET = 20
 # Early stopping waits half the planned epochs: the schedule is cosine, so the best epochs come
 # late, and a third (9 of 27) stopped a default-phantom run at epoch 15 on a noisy 40-scan
 # validation split with most of its time budget unused.
@@ -297,7 +301,7 @@ def _training(
     )
     if not fits:
         b_why += f": none of {list(BATCH_CHOICES)} fits both, the smallest"
-    epoch_s = max((fp.n_train * step + fp.n_val * step * EVAL_COST) * EPOCH_OVERHEAD, 1e-3)
+    epoch_s = _epoch_seconds(fp, step)
     budget_s = budget.train_minutes * 60
     raw = budget_s / epoch_s
     epochs = min(max(int(raw), EPOCHS[0]), EPOCHS[1])
@@ -320,9 +324,42 @@ def _training(
     }
 
 
+def _epoch_seconds(fp: Fingerprint, step_s: float) -> float:
+    return max((fp.n_train * step_s + fp.n_val * step_s * EVAL_COST) * EPOCH_OVERHEAD, 1e-3)
+
+
+def _coarser_patch(fp: Fingerprint, meas: Measurements, budget: Budget, values: dict[str, Planned]) -> None:
+    """Move to the next measured patch size when the planned one leaves too few epochs."""
+    k = int(values["preprocess.patch_size"].value)
+    inplane = max(values["preprocess.spacing"].value[:2])
+    limit = MAX_INPUT_MM_MASK if fp.kind == "mask" else MAX_INPUT_MM
+    budget_s = budget.train_minutes * 60
+
+    def epochs(size: int) -> float:
+        fig = meas.step(str(_kernel(meas, size).value), size)
+        return budget_s / _epoch_seconds(fp, fig.step_s) if fig is not None else 0.0
+
+    first = epochs(k)
+    if k <= 1 or first == 0.0 or first >= MIN_EPOCHS_IN_BUDGET:
+        return
+    for bigger in sorted({s.patch_size for s in meas.steps if s.patch_size > k}):
+        if bigger * inplane <= limit and epochs(bigger) > first:
+            why = (
+                f"{bigger}^3 voxels per site, input grid {bigger * inplane:.1f} mm (limit {limit:g} mm): "
+                f"{k}^3 would fit {first:.0f} epochs into the {budget.train_minutes:g} min budget, "
+                f"{bigger}^3 fits {epochs(bigger):.0f} (measured; {MIN_EPOCHS_IN_BUDGET} wanted)"
+            )
+            values["preprocess.patch_size"] = Planned(bigger, why)
+            if epochs(bigger) >= MIN_EPOCHS_IN_BUDGET:
+                return
+            k, first = bigger, epochs(bigger)
+
+
 def make_plan(fp: Fingerprint, meas: Measurements | None, budget: Budget) -> Plan:
     """The plan: every value with its reason (pure: no I/O, no clock, no randomness)."""
     values = plan_preprocess(fp, budget)
+    if meas is not None and values["preprocess.features"].value == "patch":
+        _coarser_patch(fp, meas, budget, values)
     k = int(values["preprocess.patch_size"].value)
     region = str(values["preprocess.region"].value)
     values["model.kernel"] = _kernel(meas, k)
