@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.text import Text
 
 from . import options
 from .console import console, handles_errors
+
+if TYPE_CHECKING:
+    from ctsparse.dicom_node.sr import SRResult
 from .render import (
     add_error_row,
     fmt_float,
@@ -37,6 +40,12 @@ def predict(
     threads: options.Threads = None,
     workers: options.Workers = 0,
     allow_non_ct: options.AllowNonCT = False,
+    dicom_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--dicom-out", help="Write a DICOM Structured Report per DICOM series into this folder."
+        ),
+    ] = None,
 ) -> None:
     """Predict labels for CT scans with a trained checkpoint.
 
@@ -72,6 +81,15 @@ def predict(
             on_start=started.update,
             allow_non_ct=allow_non_ct,
         )
+        srs: list[SRResult] = []
+        if dicom_out is not None:
+            from ctsparse.dicom_node.sr import write_result_srs
+
+            status.update("writing DICOM SRs...")
+            files = [item.series.files if item.series else None for item in expansion.items]
+            srs = write_result_srs(rows, dicom_out, started["model"], files)  # one per row, in order
+            for row, sr in zip(rows, srs, strict=True):
+                row.update(sr.columns())
     summary = summarize(rows, time.perf_counter() - t0, started.get("decision"))
     probs = sorted({k for r in rows for k in r if k.startswith("p_")})
     flagged = any(r.get("warnings") for r in rows)
@@ -116,6 +134,13 @@ def predict(
         f"{summary['n_ok']} predicted, {summary['n_failed']} failed in {summary['wall_s']:.1f} s "
         f"({summary['scans_per_s']:.2f} scans/s); labels {summary['label_counts']}"
     )
+    for sr in srs:  # UIDs and file names only: an SR holds patient attributes, its lines do not
+        if sr.sr_path is not None:
+            console.print(f"SR of series {sr.series_uid}: {sr.sr_path}", highlight=False)
+        elif sr.error:
+            console.print(f"[red]error[/] {sr.series_uid}: {sr.error}", highlight=False)
+        elif sr.note and not sr.note.endswith("prediction failed"):
+            console.print(f"[dim]{Path(sr.scan).name}: {sr.note}[/]", highlight=False)
     if out is not None:
         if out.suffix.lower() == ".json":
             skipped = [s.as_dict() for s in expansion.skipped]
@@ -124,5 +149,5 @@ def predict(
         else:
             write_csv(out, rows)
         console.print(f"wrote {out}")
-    if summary["n_failed"]:
+    if summary["n_failed"] or any(r.error for r in srs):
         raise typer.Exit(1)

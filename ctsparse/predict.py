@@ -19,7 +19,7 @@ from ctsparse.collate import collate
 from ctsparse.device import resolve_device
 from ctsparse.errors import CtsparseError, ScanError
 from ctsparse.inputs import InputItem, expand_inputs
-from ctsparse.models.checkpoint import build_from_checkpoint
+from ctsparse.models.checkpoint import build_from_checkpoint, describe_model
 from ctsparse.models.registry import get_engine
 from ctsparse.ood import out_of_range, scan_quantities
 from ctsparse.sparse_volume import SparseVolume
@@ -53,7 +53,8 @@ def predict(
         series_uid: read only this SeriesInstanceUID of multi-series folders.
         workers: processes that read and sparsify scans ahead of the model (0: this process).
         on_start: called once the checkpoint is loaded, before any scan is read, with its
-            classes, decision rule and training ranges (it may raise to stop the run).
+            classes, decision rule, training ranges and model card (``describe_model``: what
+            ``ctsparse.dicom_node.sr`` names the model by); it may raise to stop the run.
         expand: False takes each input as one scan path (a labelled dataset's samples), without
             expanding folders or globs.
         allow_non_ct: read DICOM series of other modalities instead of refusing them.
@@ -68,7 +69,10 @@ def predict(
     decision = Decision.from_dict(ckpt.extra.get("decision"))
     ranges = ckpt.extra.get("training_ranges")
     if on_start:
-        on_start({"classes": ckpt.classes, "decision": decision, "training_ranges": ranges})
+        model_card = describe_model(checkpoint, ckpt)  # what a DICOM report names the model by
+        on_start(
+            {"classes": ckpt.classes, "decision": decision, "training_ranges": ranges, "model": model_card}
+        )
     rows: list[Row] = []
     pending: list[tuple[Row, SparseVolume]] = []
 

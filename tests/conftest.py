@@ -103,3 +103,24 @@ def single_thread() -> Iterator[None]:
 def one_thread() -> Iterator[None]:
     with single_thread():
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """best.pt of a tiny sparse model trained for one epoch on `tiny_dataset` (about 15 s, once).
+
+    It has its own cache folder: session fixtures run before the per-test cache fixture.
+    """
+    pytest.importorskip("MinkowskiEngine", reason="MinkowskiEngine is not installed: run scripts/setup.sh")
+    from ctsparse.config import load_config
+    from ctsparse.training.loop import train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    sets = ["model.widths=[8, 16]", "model.depths=[1, 1]", "preprocess.features=patch", "train.epochs=1"]
+    train(
+        tiny_dataset,
+        root / "run",
+        load_config(None, [*sets, f"data.cache_dir={root / 'cache'}"]),
+        device="cpu",
+    )
+    return root / "run" / "best.pt"

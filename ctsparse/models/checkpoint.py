@@ -6,6 +6,8 @@ never arbitrary objects, so a checkpoint from an untrusted source cannot run cod
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pickle
 import platform
 import re
@@ -114,6 +116,30 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
     return LoadedCheckpoint(
         cfg, list(raw["classes"]), int(raw["in_channels"]), raw["state_dict"], raw.get("extra", {})
     )
+
+
+def describe_model(path: str | Path, ckpt: LoadedCheckpoint) -> dict[str, Any]:
+    """What a report names the model by: the checkpoint file and its hash, a hash of the resolved
+    config (two checkpoints with the same one preprocess and build alike), this ctsparse version
+    and the engine that runs it, the classes and the decision rule."""
+    path = Path(path)
+    engine = get_engine(ckpt.config.model.backend)
+    config_json = json.dumps(to_dict(ckpt.config), sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    engine_versions = ", ".join(f"{k} {v}" for k, v in versions(engine).items() if k != "python")
+    return {
+        "name": f"ctsparse {ckpt.config.model.backend} classifier",
+        "checkpoint": f"{path.parent.name}/{path.name}",
+        "checkpoint_sha256": digest.hexdigest(),
+        "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
+        "ctsparse_version": __version__,
+        "engine": f"{ckpt.config.model.backend} ({engine_versions})",
+        "classes": list(ckpt.classes),
+        "decision": ckpt.extra.get("decision") or {},
+    }
 
 
 def build_from_checkpoint(

@@ -1,0 +1,301 @@
+"""A prediction row -> a DICOM Structured Report (TID 1500 Measurement Report) beside its study.
+
+One SR per predicted DICOM series, in a new series of the source study: patient and study
+attributes are copied from the source (highdicom copies the Patient and General Study modules),
+every UID is new, and the Current Requested Procedure Evidence Sequence and the measurement
+group's source images list every instance of the series the model read.
+
+Content (codes in ``codes.py``), all in the measurement groups of one Measurement Report:
+
+- group "classification": the predicted class (a qualitative evaluation), whether the scan lies
+  outside the training ranges (SCT Yes/No) and one TEXT item per out-of-range quantity, the
+  operating threshold and its positive class (two-class checkpoints), the calibration temperature,
+  the sparse site count and occupancy; the algorithm identification (model name, ctsparse
+  version, engine, config and checkpoint hashes, decision rule) and the source images;
+- one group per class, its finding type the class, holding DCM "Probability" in UCUM {ratio}.
+
+>>> started = {}
+>>> rows = predict("best.pt", ["export/"], on_start=started.update)  # doctest: +SKIP
+>>> write_result_sr(rows[0], None, "sr_out", started["model"])  # doctest: +SKIP
+PosixPath('sr_out/1.2.826.0.1.3680043.8.498.1.sr.dcm')
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from ctsparse.calibration import Decision
+from ctsparse.dicom_node import codes as c
+from ctsparse.errors import CtsparseError, ScanError
+from ctsparse.fileio import atomic_write
+from ctsparse.io.dicom_listing import source_files
+
+# The SR series is numbered after its source series (source + 9000): it sorts after the images in
+# viewers and stays clear of the numbers scanners give their own series, which rarely pass 1000.
+SR_SERIES_OFFSET = 9000
+SERIES_DESCRIPTION = "ctsparse classification"
+# Type 2 attributes highdicom reads from the first source instance; a source without them gets
+# them empty (present, no value), as the standard allows.
+_TYPE2_SOURCE = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+Source = str | Path | Dataset
+
+
+@dataclass(frozen=True)
+class SRResult:
+    """What ``write_result_srs`` did for one row: the SR written, or why there is none."""
+
+    scan: str
+    series_uid: str | None
+    sr_path: Path | None = None
+    note: str | None = None  # no SR and no failure (a NIfTI input, a failed prediction)
+    error: str | None = None  # the SR could not be written
+
+    def columns(self) -> dict[str, str]:
+        """Columns for the prediction row: the SR's path, or the one-line reason there is none."""
+        return {
+            "dicom_sr": str(self.sr_path) if self.sr_path else "",
+            "dicom_sr_note": self.error or self.note or "",
+        }
+
+
+def series_sources(path: str | Path, series_uid: str) -> list[Path]:
+    """The files of one series of a DICOM file or folder, as ``ctsparse.inputs`` lists them."""
+    _files, groups, _lines = source_files(Path(path))
+    if series_uid not in groups:
+        raise ScanError(path, f"series {series_uid} not found")
+    return list(dict.fromkeys(s.path for s in groups[series_uid]))
+
+
+def _evidence(scan: str, series_uid: str, sources: Sequence[Source]) -> list[Dataset]:
+    """Headers of the source instances (one per SOP instance), checked to be that series."""
+    found: dict[str, Dataset] = {}
+    for src in sources:
+        if isinstance(src, Dataset):
+            ds = copy.deepcopy(src)  # the first gets type 2 attributes filled in below
+        else:
+            try:
+                ds = pydicom.dcmread(src, stop_before_pixels=True)
+            except Exception as exc:
+                raise ScanError(src, f"unreadable DICOM header ({type(exc).__name__})") from exc
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID"):
+            if not ds.get(keyword):
+                raise ScanError(scan, f"a source instance has no {keyword}")
+        if ds.SeriesInstanceUID != series_uid:
+            raise ScanError(
+                scan, f"a source instance belongs to series {ds.SeriesInstanceUID}, not {series_uid}"
+            )
+        found.setdefault(str(ds.SOPInstanceUID), ds)
+    if not found:
+        raise ScanError(scan, "no source instance to reference")
+    evidence = list(found.values())
+    for keyword in _TYPE2_SOURCE:
+        if keyword not in evidence[0]:
+            setattr(evidence[0], keyword, "")
+    return evidence
+
+
+def _algorithm(model: Mapping[str, Any], decision: Decision) -> hd.sr.AlgorithmIdentification:
+    keys = ("engine", "config_sha256", "checkpoint", "checkpoint_sha256")
+    parameters = [f"{k}={model[k]}" for k in keys if model.get(k)]
+    parameters.append(f"decision={decision.describe()}")
+    return hd.sr.AlgorithmIdentification(
+        name=str(model.get("name", "ctsparse")), version=str(model["ctsparse_version"]), parameters=parameters
+    )
+
+
+def _classification_group(
+    row: Mapping[str, Any],
+    decision: Decision,
+    algorithm: hd.sr.AlgorithmIdentification,
+    evidence: list[Dataset],
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    warnings = [str(w) for w in row.get("warnings") or []]
+    evaluations = [
+        hd.sr.QualitativeEvaluation(c.PREDICTED_CLASS, c.class_code(str(row["label"]))),
+        hd.sr.QualitativeEvaluation(c.OUT_OF_RANGE, c.YES if warnings else c.NO),
+    ]
+    measurements = [
+        hd.sr.Measurement(c.SITES, float(row["sites"]), c.SITES_UNIT),
+        hd.sr.Measurement(c.OCCUPANCY, float(row["occupancy"]), c.RATIO),
+        hd.sr.Measurement(c.TEMPERATURE, float(decision.temperature), c.NO_UNITS),
+    ]
+    if decision.threshold is not None and decision.positive_class is not None:
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(c.POSITIVE_CLASS, c.class_code(decision.positive_class))
+        )
+        measurements.append(hd.sr.Measurement(c.OPERATING_THRESHOLD, float(decision.threshold), c.RATIO))
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="classification"),
+        finding_type=c.CLASSIFICATION,
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in evidence],
+    )
+    # TID 1501 allows TEXT qualitative evaluations; highdicom builds only coded ones
+    group[0].ContentSequence.extend(
+        hd.sr.TextContentItem(c.OUT_OF_RANGE_NOTE, w[:1024], relationship_type="CONTAINS") for w in warnings
+    )
+    return group
+
+
+def _probability_groups(
+    row: Mapping[str, Any], classes: Sequence[str], algorithm: hd.sr.AlgorithmIdentification
+) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    return [
+        hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=generate_uid(), identifier=f"probability {name}"[:64]
+            ),
+            finding_type=c.class_code(name),
+            algorithm_id=algorithm,
+            measurements=[hd.sr.Measurement(c.PROBABILITY, float(row[f"p_{name}"]), c.RATIO)],
+        )
+        for name in classes
+    ]
+
+
+def build_result_sr(
+    row: Mapping[str, Any],
+    evidence: Sequence[Dataset],
+    model: Mapping[str, Any],
+    *,
+    series_number: int | None = None,
+) -> hd.sr.ComprehensiveSR:
+    """The SR of one prediction row (in memory); see ``write_result_sr``."""
+    decision = Decision.from_dict(model.get("decision"))
+    classes = list(model.get("classes") or [k[2:] for k in row if k.startswith("p_")])
+    algorithm = _algorithm(model, decision)
+    observer = hd.sr.ObserverContext(
+        observer_type=hd.sr.CodedConcept.from_code(codes.DCM.Device),
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            # one device UID per model: the same checkpoint is the same observer in every report
+            uid=generate_uid(
+                entropy_srcs=["ctsparse", str(model.get("checkpoint_sha256", model.get("name")))]
+            ),
+            name="ctsparse",
+            manufacturer_name="ctsparse",
+            model_name=str(model.get("name", "ctsparse"))[:64],
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=c.CT_PROCEDURE,
+        imaging_measurements=[
+            _classification_group(row, decision, algorithm, list(evidence)),
+            *_probability_groups(row, classes, algorithm),
+        ],
+    )
+    if series_number is None:
+        source_number = evidence[0].get("SeriesNumber")
+        series_number = SR_SERIES_OFFSET + (int(source_number) if source_number not in (None, "") else 0)
+    # Comprehensive SR: the content has no 3D coordinates, and it is the SR class PACS accept most widely
+    return hd.sr.ComprehensiveSR(
+        evidence=list(evidence),
+        content=report,
+        series_instance_uid=generate_uid(),
+        series_number=series_number,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="ctsparse",
+        manufacturer_model_name=str(model.get("name", "ctsparse"))[:64],
+        software_versions=str(model["ctsparse_version"]),
+        series_description=SERIES_DESCRIPTION,
+        is_complete=True,
+        is_final=False,  # a model's output awaits a reader: PRELIMINARY, UNVERIFIED
+        is_verified=False,
+        content_qualification="RESEARCH",
+        coding_schemes=[c.scheme_item()],
+    )
+
+
+def write_result_sr(
+    row: Mapping[str, Any],
+    sources: Sequence[Source] | None,
+    out_dir: str | Path,
+    model: Mapping[str, Any],
+    *,
+    series_number: int | None = None,
+) -> Path:
+    """Write the SR of one prediction row of a DICOM series; returns ``out_dir/<series UID>.sr.dcm``.
+
+    Args:
+        row: a successful row of ``ctsparse.predict.predict`` (label, p_<class>, sites, occupancy,
+            warnings, series_uid, path).
+        sources: the series' files or headers (``InputItem.series.files``); None lists them again
+            from ``row["path"]`` and ``row["series_uid"]``.
+        model: the model card predict hands to ``on_start`` as ``"model"``
+            (``ctsparse.models.checkpoint.describe_model``): name, versions, hashes, classes,
+            decision rule.
+        series_number: of the SR series; default the source's SeriesNumber + ``SR_SERIES_OFFSET``.
+
+    Raises:
+        ScanError: the row is not a successful DICOM prediction, or its sources cannot be read.
+
+    The file is written atomically (a temp file renamed over the target); writing the same series
+    again replaces its SR.
+    """
+    scan, series_uid = str(row.get("path", "")), row.get("series_uid")
+    if row.get("error"):
+        raise ScanError(scan, "the prediction failed: no SR")
+    if not series_uid:
+        raise ScanError(scan, "not a DICOM series: no SR")
+    if sources is None:
+        sources = series_sources(scan, str(series_uid))
+    sr = build_result_sr(row, _evidence(scan, str(series_uid), sources), model, series_number=series_number)
+    target = Path(out_dir) / f"{series_uid}.sr.dcm"
+    with atomic_write(target) as fh:
+        pydicom.dcmwrite(fh, sr, enforce_file_format=True)
+    return target
+
+
+def write_result_srs(
+    rows: Sequence[Mapping[str, Any]],
+    out_dir: str | Path,
+    model: Mapping[str, Any],
+    sources: Sequence[Sequence[Source] | None] | None = None,
+) -> list[SRResult]:
+    """``write_result_sr`` for every row; a row that gets no SR says why, and the others go on.
+
+    Args:
+        sources: per row, its files (``InputItem.series.files``) or None to list them again.
+    """
+    results = []
+    for k, row in enumerate(rows):
+        scan, series_uid = str(row.get("path", "")), row.get("series_uid") or None
+        if row.get("error"):
+            results.append(SRResult(scan, series_uid, note="no SR: the prediction failed"))
+            continue
+        if series_uid is None:
+            results.append(SRResult(scan, None, note="no SR: not a DICOM input"))
+            continue
+        try:
+            path = write_result_sr(row, sources[k] if sources is not None else None, out_dir, model)
+        except CtsparseError as exc:
+            results.append(SRResult(scan, series_uid, error=f"SR not written: {exc}"))
+        except Exception as exc:  # one series' odd header must not stop the others' reports
+            results.append(SRResult(scan, series_uid, error=f"SR not written: {type(exc).__name__}: {exc}"))
+        else:
+            results.append(SRResult(scan, series_uid, sr_path=path))
+    return results
