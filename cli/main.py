@@ -12,7 +12,7 @@ import typer
 
 from ctsparse import __version__
 
-from . import benchmark, doctor, evaluate, phantoms, plan, predict, profile, train
+from . import benchmark, doctor, evaluate, phantoms, plan, predict, profile, serve, train
 from .console import State
 
 app = typer.Typer(
@@ -50,6 +50,7 @@ app.command("profile")(profile.profile)
 app.command("benchmark")(benchmark.benchmark)
 app.command("phantoms")(phantoms.phantoms)
 app.command("doctor")(doctor.doctor)
+app.command("serve")(serve.serve)
 
 
 def run() -> None:

@@ -283,18 +283,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML config file's top-level mapping (empty for an empty file); ConfigError otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(str(p), "config file not found")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(p), f"not valid YAML: {exc}") from exc
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(str(p), "top level must be a mapping of sections")
+    return loaded or {}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file (if any), then the --set overrides; validated as a whole."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(str(p), "config file not found")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(str(p), f"not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(str(p), "top level must be a mapping of sections")
-        data = loaded or {}
+    data = read_yaml_mapping(path) if path is not None else {}
     return from_dict(apply_overrides(data, overrides or []))

@@ -49,6 +49,15 @@ class CheckpointError(CtsparseError):
         super().__init__(f"{self.path}: {reason}")
 
 
+class NodeError(CtsparseError):
+    """A DICOM network peer (C-STORE destination, DICOMweb service) that refused or did not answer."""
+
+    def __init__(self, peer: str, reason: str) -> None:
+        self.peer = peer
+        self.reason = reason
+        super().__init__(f"{peer}: {reason}")
+
+
 class DatasetError(CtsparseError):
     """A dataset folder, labels.csv or datalist that cannot be used."""
 

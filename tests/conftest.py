@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -124,3 +125,19 @@ def tiny_checkpoint(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory
         device="cpu",
     )
     return root / "run" / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real Orthanc (HTTP + DICOM on free loopback ports, DICOMweb plugin) for the whole session;
+    skipped with the reason when Orthanc is not installed."""
+    from tests.orthanc import missing_reason, start_orthanc
+
+    reason = missing_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    server = start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    try:
+        yield server
+    finally:
+        server.stop()
