@@ -4,10 +4,10 @@
 #   bash scripts/setup.sh
 #
 # Creates .venv (override with CTSPARSE_VENV), installs the system BLAS when missing (Debian/Ubuntu,
-# as root or with sudo), torch (CTSPARSE_TORCH, default torch==2.13.0: the CPU build), builds
-# MinkowskiEngine 0.5.4 with the project's patch set once per machine (cached wheel under
-# ~/.cache/ctsparse/me-wheels, override with CTSPARSE_CACHE), and installs ctsparse in editable
-# mode with its dev tools.
+# as root or with sudo) and Orthanc with its DICOMweb plugin for the DICOM node's tests, torch
+# (CTSPARSE_TORCH, default torch==2.13.0: the CPU build), builds MinkowskiEngine 0.5.4 with the
+# project's patch set once per machine (cached wheel under ~/.cache/ctsparse/me-wheels, override
+# with CTSPARSE_CACHE), and installs ctsparse in editable mode with its dev tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,15 +30,27 @@ if ! command -v g++ >/dev/null || ! printf '#include <cblas.h>\nint main(){retur
   need_apt+=(libopenblas-dev)
 fi
 command -v patch >/dev/null || need_apt+=(patch)
-if [ ${#need_apt[@]} -gt 0 ]; then
+# Orthanc and its DICOMweb plugin: the PACS the DICOM node's tests talk to (each test run starts
+# its own instance on free loopback ports). Optional: without apt the tests skip, saying why.
+want_apt=()
+command -v Orthanc >/dev/null || [ -x /usr/sbin/Orthanc ] || want_apt+=(orthanc)
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || want_apt+=(orthanc-dicomweb)
+if [ ${#need_apt[@]} -gt 0 ] || [ ${#want_apt[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   if command -v apt-get >/dev/null; then
-    log "installing system packages: ${need_apt[*]}"
+    log "installing system packages: ${need_apt[*]} ${want_apt[*]}"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
-  else
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" "${want_apt[@]}" >/dev/null
+    # The package enables a system Orthanc on 4242/8042 with a database under /var/lib/orthanc;
+    # ctsparse needs none of it, so one this script installed is stopped and disabled.
+    if [[ " ${want_apt[*]} " == *" orthanc "* ]] && [ -d /run/systemd/system ]; then
+      $SUDO systemctl disable --now orthanc >/dev/null 2>&1 || true
+    fi
+  elif [ ${#need_apt[@]} -gt 0 ]; then
     log "please install: ${need_apt[*]} (a BLAS with cblas.h, patch, a C++ compiler)"; exit 1
+  else
+    log "Orthanc not installed (no apt-get): the DICOM node tests will be skipped"
   fi
 fi
 
