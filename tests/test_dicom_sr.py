@@ -234,3 +234,13 @@ def test_warnings_and_a_series_without_patient_attributes(tmp_path: Path) -> Non
     ds = pydicom.dcmread(path)
     assert ds.PatientID == "" and ds.PatientName == "" and ds.StudyID == ""
     assert np.isclose(got["probabilities"]["nodule"], 0.25)
+
+
+def test_source_values_highdicom_would_refuse_are_copied_as_they_are(tmp_path: Path) -> None:
+    """Exports often hold sex "U" (not a DICOM value); the SR still joins its study with it."""
+    files = write_dicom_series(
+        ramp_volume((8, 8, 2), seed=5), tmp_path / "u", PatientSex="U", SeriesNumber=None
+    )
+    row = _row(pydicom.dcmread(files[0], stop_before_pixels=True), tmp_path / "u")
+    ds = pydicom.dcmread(write_result_sr(row, files, tmp_path / "srs", _model_card()))
+    assert ds.PatientSex == "U" and ds.SeriesNumber == SR_SERIES_OFFSET

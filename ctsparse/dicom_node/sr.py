@@ -5,14 +5,8 @@ attributes are copied from the source (highdicom copies the Patient and General 
 every UID is new, and the Current Requested Procedure Evidence Sequence and the measurement
 group's source images list every instance of the series the model read.
 
-Content (codes in ``codes.py``), all in the measurement groups of one Measurement Report:
-
-- group "classification": the predicted class (a qualitative evaluation), whether the scan lies
-  outside the training ranges (SCT Yes/No) and one TEXT item per out-of-range quantity, the
-  operating threshold and its positive class (two-class checkpoints), the calibration temperature,
-  the sparse site count and occupancy; the algorithm identification (model name, ctsparse
-  version, engine, config and checkpoint hashes, decision rule) and the source images;
-- one group per class, its finding type the class, holding DCM "Probability" in UCUM {ratio}.
+The content (``sr_content.py``) holds the class, every probability, the decision rule, the
+site figures, the out-of-range notes and the model.
 
 >>> started = {}
 >>> rows = predict("best.pt", ["export/"], on_start=started.update)  # doctest: +SKIP
@@ -31,11 +25,10 @@ from typing import Any
 import highdicom as hd
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from ctsparse.calibration import Decision
 from ctsparse.dicom_node import codes as c
+from ctsparse.dicom_node.sr_content import measurement_report
 from ctsparse.errors import CtsparseError, ScanError
 from ctsparse.fileio import atomic_write
 from ctsparse.io.dicom_listing import source_files
@@ -44,9 +37,8 @@ from ctsparse.io.dicom_listing import source_files
 # viewers and stays clear of the numbers scanners give their own series, which rarely pass 1000.
 SR_SERIES_OFFSET = 9000
 SERIES_DESCRIPTION = "ctsparse classification"
-# Type 2 attributes highdicom reads from the first source instance; a source without them gets
-# them empty (present, no value), as the standard allows.
-_TYPE2_SOURCE = (
+# The Type 2 patient and study attributes highdicom reads from the first source instance.
+_TYPE2 = [
     "PatientName",
     "PatientID",
     "PatientBirthDate",
@@ -56,7 +48,7 @@ _TYPE2_SOURCE = (
     "StudyDate",
     "StudyTime",
     "ReferringPhysicianName",
-)
+]
 
 Source = str | Path | Dataset
 
@@ -92,7 +84,7 @@ def _evidence(scan: str, series_uid: str, sources: Sequence[Source]) -> list[Dat
     found: dict[str, Dataset] = {}
     for src in sources:
         if isinstance(src, Dataset):
-            ds = copy.deepcopy(src)  # the first gets type 2 attributes filled in below
+            ds = src
         else:
             try:
                 ds = pydicom.dcmread(src, stop_before_pixels=True)
@@ -108,72 +100,7 @@ def _evidence(scan: str, series_uid: str, sources: Sequence[Source]) -> list[Dat
         found.setdefault(str(ds.SOPInstanceUID), ds)
     if not found:
         raise ScanError(scan, "no source instance to reference")
-    evidence = list(found.values())
-    for keyword in _TYPE2_SOURCE:
-        if keyword not in evidence[0]:
-            setattr(evidence[0], keyword, "")
-    return evidence
-
-
-def _algorithm(model: Mapping[str, Any], decision: Decision) -> hd.sr.AlgorithmIdentification:
-    keys = ("engine", "config_sha256", "checkpoint", "checkpoint_sha256")
-    parameters = [f"{k}={model[k]}" for k in keys if model.get(k)]
-    parameters.append(f"decision={decision.describe()}")
-    return hd.sr.AlgorithmIdentification(
-        name=str(model.get("name", "ctsparse")), version=str(model["ctsparse_version"]), parameters=parameters
-    )
-
-
-def _classification_group(
-    row: Mapping[str, Any],
-    decision: Decision,
-    algorithm: hd.sr.AlgorithmIdentification,
-    evidence: list[Dataset],
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    warnings = [str(w) for w in row.get("warnings") or []]
-    evaluations = [
-        hd.sr.QualitativeEvaluation(c.PREDICTED_CLASS, c.class_code(str(row["label"]))),
-        hd.sr.QualitativeEvaluation(c.OUT_OF_RANGE, c.YES if warnings else c.NO),
-    ]
-    measurements = [
-        hd.sr.Measurement(c.SITES, float(row["sites"]), c.SITES_UNIT),
-        hd.sr.Measurement(c.OCCUPANCY, float(row["occupancy"]), c.RATIO),
-        hd.sr.Measurement(c.TEMPERATURE, float(decision.temperature), c.NO_UNITS),
-    ]
-    if decision.threshold is not None and decision.positive_class is not None:
-        evaluations.append(
-            hd.sr.QualitativeEvaluation(c.POSITIVE_CLASS, c.class_code(decision.positive_class))
-        )
-        measurements.append(hd.sr.Measurement(c.OPERATING_THRESHOLD, float(decision.threshold), c.RATIO))
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="classification"),
-        finding_type=c.CLASSIFICATION,
-        algorithm_id=algorithm,
-        measurements=measurements,
-        qualitative_evaluations=evaluations,
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in evidence],
-    )
-    # TID 1501 allows TEXT qualitative evaluations; highdicom builds only coded ones
-    group[0].ContentSequence.extend(
-        hd.sr.TextContentItem(c.OUT_OF_RANGE_NOTE, w[:1024], relationship_type="CONTAINS") for w in warnings
-    )
-    return group
-
-
-def _probability_groups(
-    row: Mapping[str, Any], classes: Sequence[str], algorithm: hd.sr.AlgorithmIdentification
-) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
-    return [
-        hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=generate_uid(), identifier=f"probability {name}"[:64]
-            ),
-            finding_type=c.class_code(name),
-            algorithm_id=algorithm,
-            measurements=[hd.sr.Measurement(c.PROBABILITY, float(row[f"p_{name}"]), c.RATIO)],
-        )
-        for name in classes
-    ]
+    return list(found.values())
 
 
 def build_result_sr(
@@ -184,36 +111,17 @@ def build_result_sr(
     series_number: int | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """The SR of one prediction row (in memory); see ``write_result_sr``."""
-    decision = Decision.from_dict(model.get("decision"))
-    classes = list(model.get("classes") or [k[2:] for k in row if k.startswith("p_")])
-    algorithm = _algorithm(model, decision)
-    observer = hd.sr.ObserverContext(
-        observer_type=hd.sr.CodedConcept.from_code(codes.DCM.Device),
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            # one device UID per model: the same checkpoint is the same observer in every report
-            uid=generate_uid(
-                entropy_srcs=["ctsparse", str(model.get("checkpoint_sha256", model.get("name")))]
-            ),
-            name="ctsparse",
-            manufacturer_name="ctsparse",
-            model_name=str(model.get("name", "ctsparse"))[:64],
-        ),
-    )
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=c.CT_PROCEDURE,
-        imaging_measurements=[
-            _classification_group(row, decision, algorithm, list(evidence)),
-            *_probability_groups(row, classes, algorithm),
-        ],
-    )
     if series_number is None:
-        source_number = evidence[0].get("SeriesNumber")
-        series_number = SR_SERIES_OFFSET + (int(source_number) if source_number not in (None, "") else 0)
+        series_number = SR_SERIES_OFFSET + _number(evidence[0].get("SeriesNumber"))
+    # highdicom checks the patient and study values it is handed and refuses some that exports
+    # hold (sex "U", a partial date): it is handed blanks, and the source's values are copied after
+    blank = copy.deepcopy(evidence[0])
+    for keyword in _TYPE2:
+        setattr(blank, keyword, "")
     # Comprehensive SR: the content has no 3D coordinates, and it is the SR class PACS accept most widely
-    return hd.sr.ComprehensiveSR(
-        evidence=list(evidence),
-        content=report,
+    sr = hd.sr.ComprehensiveSR(
+        evidence=[blank, *evidence[1:]],
+        content=measurement_report(row, evidence, model),
         series_instance_uid=generate_uid(),
         series_number=series_number,
         sop_instance_uid=generate_uid(),
@@ -228,6 +136,15 @@ def build_result_sr(
         content_qualification="RESEARCH",
         coding_schemes=[c.scheme_item()],
     )
+    sr.copy_patient_and_study_information(evidence[0])  # as they are: the SR joins that study
+    return sr
+
+
+def _number(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
 
 
 def write_result_sr(
