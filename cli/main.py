@@ -12,7 +12,7 @@ import typer
 
 from ctsparse import __version__
 
-from . import benchmark, doctor, evaluate, phantoms, plan, predict, profile, serve, train
+from . import benchmark, doctor, evaluate, explain, phantoms, plan, predict, profile, serve, train
 from .console import State
 
 app = typer.Typer(
@@ -46,6 +46,7 @@ app.command("train")(train.train)
 app.command("plan")(plan.plan)
 app.command("predict")(predict.predict)
 app.command("evaluate")(evaluate.evaluate)
+app.command("explain")(explain.explain)
 app.command("profile")(profile.profile)
 app.command("benchmark")(benchmark.benchmark)
 app.command("phantoms")(phantoms.phantoms)

@@ -46,6 +46,13 @@ def predict(
             "--dicom-out", help="Write a DICOM Structured Report per DICOM series into this folder."
         ),
     ] = None,
+    explain_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--explain",
+            help="Also write `ctsparse explain` outputs (Grad-CAM of the predicted class) into this folder.",
+        ),
+    ] = None,
 ) -> None:
     """Predict labels for CT scans with a trained checkpoint.
 
@@ -149,5 +156,19 @@ def predict(
         else:
             write_csv(out, rows)
         console.print(f"wrote {out}")
-    if summary["n_failed"] or any(r.error for r in srs):
+    explained: list[dict[str, Any]] = []
+    if explain_dir is not None:
+        from .explain import run_explain
+
+        explained = run_explain(
+            checkpoint,
+            list(expansion.items),
+            explain_dir,
+            method="gradcam",
+            class_name=None,
+            device=device,
+            series=series,
+            allow_non_ct=allow_non_ct,
+        )
+    if summary["n_failed"] or any(r.error for r in srs) or any(r.get("error") for r in explained):
         raise typer.Exit(1)

@@ -7,14 +7,15 @@ at zero by a fixed mask, so both backends learn the same function class.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from ctsparse.config import ModelConfig
-from ctsparse.models.engine import Check, Engine
+from ctsparse.models.engine import Check, Engine, LastStage, SiteHooks
 from ctsparse.models.pooled_norm import PooledNorm
 from ctsparse.sparse_volume import SparseVolume
 
@@ -125,7 +126,10 @@ class DenseResNet(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.stages(self.stem(x))
+        return self.pool(self.stages(self.stem(x)), x)
+
+    def pool(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The embedding from the last stage's output `y` (and the input `x`, for input pooling)."""
         feats = [y.mean(dim=(2, 3, 4)), y.amax(dim=(2, 3, 4))]
         if self.input_norm is not None:
             feats.append(self.input_norm(_input_pool(x)))
@@ -140,6 +144,29 @@ class DenseResNet(nn.Module):
 
 def build_dense(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
     return DenseResNet(cfg, in_channels, num_classes)
+
+
+def _last_stage(module: nn.Module, x: torch.Tensor, sv: SparseVolume) -> LastStage:
+    model = cast(DenseResNet, module)
+    with torch.no_grad():  # Grad-CAM differentiates only what follows the last stage
+        y = model.stages(model.stem(x))
+    channels, cells = y.shape[1], tuple(y.shape[2:])
+    # every cell of the grid is a row, empty ones included: the twin pools over all of them
+    leaf = y[0].reshape(channels, -1).T.contiguous().requires_grad_(True)
+    stride = x.shape[2] // cells[0]
+    rows = np.ravel_multi_index(tuple((sv.coords // stride).T.astype(np.int64)), cells)
+
+    def head(feats: torch.Tensor) -> torch.Tensor:
+        return model.forward_head(model.pool(feats.T.reshape(1, channels, *cells), x))
+
+    return LastStage(leaf, torch.from_numpy(rows).to(leaf.device), head)
+
+
+def _input_sites(
+    x: torch.Tensor, sv: SparseVolume
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    c = torch.from_numpy(sv.coords.astype(np.int64)).to(x.device)
+    return x.requires_grad_(True), lambda t: t[0][:, c[:, 0], c[:, 1], c[:, 2]].T
 
 
 def stride_multiple(cfg: ModelConfig) -> int:
@@ -177,4 +204,5 @@ ENGINE = Engine(
     collate=collate_dense,
     stride_multiple=stride_multiple,
     check=check_installed,
+    explain=SiteHooks(last_stage=_last_stage, input_sites=_input_sites),
 )

@@ -51,6 +51,41 @@ def _accept(cfg: ModelConfig, checkpoint: Mapping[str, Any]) -> str | None:
 
 
 @dataclass(frozen=True)
+class LastStage:
+    """The last stage's output for a batch of one scan, cut out of the network so that the rest
+    (pooling and head) can be differentiated on its own: what Grad-CAM needs.
+
+    Attributes:
+        feats: (M, C) leaf tensor that requires grad, one row per cell of the last stage.
+        cell_of_site: (N,) long, for each input site (in the SparseVolume's order) the row of
+            `feats` whose cell covers it, through all the strides.
+        head: feats -> logits (1, classes): the network after the last stage.
+    """
+
+    feats: torch.Tensor
+    cell_of_site: torch.Tensor
+    head: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SiteHooks:
+    """How explanation methods (ctsparse/explain) reach inside an engine's network.
+
+    Attributes:
+        last_stage: (model, input of one scan, its SparseVolume) -> LastStage, the trunk run
+            without gradient.
+        input_sites: (input of one scan, its SparseVolume) -> (leaf, gather): `leaf`, set to
+            require grad, is the tensor of input features the model reads; gather(t) turns a
+            tensor shaped like it (its gradient) into (N, C) rows in site order.
+    """
+
+    last_stage: Callable[[torch.nn.Module, Any, SparseVolume], LastStage]
+    input_sites: Callable[
+        [Any, SparseVolume], tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+    ]
+
+
+@dataclass(frozen=True)
 class Engine:
     """How to build, feed and check one kind of classifier.
 
@@ -67,6 +102,7 @@ class Engine:
         checkpoint_fields: extra top-level fields of a checkpoint (e.g. the weight layout).
         refuse_checkpoint: (model config, raw checkpoint) -> why this engine cannot use those
             weights, or None.
+        explain: the hooks saliency methods need (None: only the gradient-free ones work).
     """
 
     name: str
@@ -78,6 +114,7 @@ class Engine:
     versions: Callable[[], dict[str, str]] = _no_versions
     checkpoint_fields: Callable[[], dict[str, Any]] = _no_fields
     refuse_checkpoint: Callable[[ModelConfig, Mapping[str, Any]], str | None] = _accept
+    explain: SiteHooks | None = None
 
     def inputs(self, svs: Sequence[SparseVolume], device: torch.device, cfg: ModelConfig) -> Any:
         """The model's input for a batch of scans, on `device`."""

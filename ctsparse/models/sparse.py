@@ -11,7 +11,8 @@ local: averaging over ~10^5 sites dilutes them, the maximum keeps them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import MinkowskiEngine as ME
 import numpy as np
@@ -20,7 +21,7 @@ from torch import nn
 
 from ctsparse.config import ModelConfig
 from ctsparse.models import minkowski
-from ctsparse.models.engine import Engine
+from ctsparse.models.engine import Engine, LastStage, SiteHooks
 from ctsparse.models.pooled_norm import PooledNorm
 from ctsparse.sparse_volume import SparseVolume
 
@@ -114,7 +115,11 @@ class SparseResNet(nn.Module):
 
     def forward_features(self, x: ME.SparseTensor) -> torch.Tensor:
         """Pooled embedding (B, 2 * widths[-1]), rows ordered by batch index."""
-        avg, mx = global_avg_max(self.stages(self.stem(x)))
+        return self.pool(self.stages(self.stem(x)), x)
+
+    def pool(self, y: ME.SparseTensor, x: ME.SparseTensor) -> torch.Tensor:
+        """The embedding from the last stage's output `y` (and the input `x`, for input pooling)."""
+        avg, mx = global_avg_max(y)
         if self.input_norm is None:
             return torch.cat([avg, mx], dim=1)
         return torch.cat([avg, mx, self.input_norm(torch.cat(global_avg_max(x), dim=1))], dim=1)
@@ -151,6 +156,45 @@ def build_sparse(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Mod
     return SparseResNet(cfg, in_channels, num_classes)
 
 
+def _rows_of(table: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """For each coordinate of `query` (N, 3) the row of `table` (M, 3) that holds it (ME keeps
+    its own row order, so rows are matched by value, never assumed)."""
+    dims = np.maximum(table.max(axis=0), query.max(axis=0)) + 1
+    keys = np.ravel_multi_index(table.T, dims)
+    order = np.argsort(keys)
+    pos = np.searchsorted(keys, np.ravel_multi_index(query.T, dims), sorter=order)
+    rows = order[np.minimum(pos, len(order) - 1)]
+    if not np.array_equal(table[rows], query):
+        raise RuntimeError("a site has no covering cell in the sparse tensor")
+    return rows
+
+
+def _last_stage(module: nn.Module, x: ME.SparseTensor, sv: SparseVolume) -> LastStage:
+    model = cast(SparseResNet, module)
+    with torch.no_grad():  # Grad-CAM differentiates only what follows the last stage
+        y = model.stages(model.stem(x))
+    leaf = y.F.detach().clone().requires_grad_(True)
+    key, manager = y.coordinate_map_key, y.coordinate_manager
+    # ME keeps coordinates in input units: the cell covering a site is the site floored to the stride
+    stride = np.asarray(y.tensor_stride, dtype=np.int64)
+    covering = sv.coords.astype(np.int64) // stride * stride
+    rows = _rows_of(y.C[:, 1:].cpu().numpy().astype(np.int64), covering)
+
+    def head(feats: torch.Tensor) -> torch.Tensor:
+        out = ME.SparseTensor(feats, coordinate_map_key=key, coordinate_manager=manager)
+        return model.forward_head(model.pool(out, x))
+
+    return LastStage(leaf, torch.from_numpy(rows).to(leaf.device), head)
+
+
+def _input_sites(
+    x: ME.SparseTensor, sv: SparseVolume
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    rows = torch.from_numpy(_rows_of(x.C[:, 1:].cpu().numpy().astype(np.int64), sv.coords.astype(np.int64)))
+    leaf = x.F.requires_grad_(True)
+    return leaf, lambda t: t[rows.to(t.device)]
+
+
 ENGINE = Engine(
     name="sparse",
     build=build_sparse,
@@ -160,4 +204,5 @@ ENGINE = Engine(
     versions=minkowski.version,
     checkpoint_fields=minkowski.checkpoint_fields,
     refuse_checkpoint=minkowski.refuse_checkpoint,
+    explain=SiteHooks(last_stage=_last_stage, input_sites=_input_sites),
 )

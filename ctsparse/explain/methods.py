@@ -1,0 +1,210 @@
+"""Saliency per input site for one scan: Grad-CAM, input x gradient and occlusion.
+
+Each method returns a non-negative value per site of the SparseVolume (its order) for one class,
+together with the logits of the unmodified scan. The class is chosen from those logits (`choose`,
+e.g. the predicted one), so the pass that computes them also explains them. The score
+differentiated or compared is that class's logit, as in the Grad-CAM paper (before the softmax,
+so a saturated probability does not flatten the map).
+
+- gradcam: the last stage's activations A (one row per cell) weighted by the mean gradient of
+  the score over the cells, summed over channels, ReLU; each input site takes the value of the
+  cell that covers it through the strides. The trunk runs without gradient, so it costs one
+  forward pass plus the head's backward.
+- inputxgrad: the input features times the gradient of the score with respect to them, summed
+  over channels, positive part: full resolution, one forward and one full backward pass.
+- occlusion: gradient-free. Blocks of sites are removed (a removed site is what the network sees
+  for air) and the drop of the score is the value of every site in the block: one forward pass
+  per block, so the block grows until there are at most MAX_BLOCKS of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ctsparse.errors import CtsparseError
+from ctsparse.sparse_volume import SparseVolume
+
+if TYPE_CHECKING:
+    import torch
+
+    from ctsparse.config import ModelConfig
+    from ctsparse.models.engine import Engine
+
+METHODS = ("gradcam", "inputxgrad", "occlusion")
+GRADIENT_METHODS = ("gradcam", "inputxgrad")
+# Forward passes occlusion may spend on one scan; blocks of 1, 2, 4, ... sites per axis are tried
+# until they are this few.
+MAX_BLOCKS = 256
+OCCLUSION_BATCH = 8  # occluded copies per forward pass
+
+F32 = npt.NDArray[np.float32]
+Choose = Callable[[npt.NDArray[np.float64]], int]
+
+
+@dataclass
+class SiteMap:
+    values: F32  # (N,) >= 0, in site order
+    target: int  # the class index explained
+    logits: npt.NDArray[np.float64]  # (classes,) of the unmodified scan
+    peak: int  # the site where the evidence is strongest (ties in `values` broken by the method)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def site_saliency(
+    model: torch.nn.Module,
+    engine: Engine,
+    cfg: ModelConfig,
+    sv: SparseVolume,
+    choose: Choose,
+    method: str,
+    device: torch.device,
+) -> SiteMap:
+    """Saliency on every site of `sv` with `method` (METHODS) of the class index that
+    choose(logits of the scan) returns."""
+    if method not in METHODS:
+        raise CtsparseError(f"unknown explanation method {method!r} (known: {', '.join(METHODS)})")
+    if method == "occlusion":
+        return occlusion(model, engine, cfg, sv, choose, device)
+    if engine.explain is None:
+        raise CtsparseError(
+            f"the {engine.name!r} engine has no saliency hooks: only --method occlusion works with it"
+        )
+    x = engine.inputs([sv], device, cfg)
+    if method == "gradcam":
+        return gradcam(model, engine, x, sv, choose)
+    return input_x_gradient(model, engine, x, sv, choose)
+
+
+def _numpy(logits: torch.Tensor) -> npt.NDArray[np.float64]:
+    return logits.detach().double().cpu().numpy()[0]  # type: ignore[no-any-return]
+
+
+def gradcam(model: torch.nn.Module, engine: Engine, x: Any, sv: SparseVolume, choose: Choose) -> SiteMap:
+    import torch
+
+    assert engine.explain is not None
+    stage = engine.explain.last_stage(model, x, sv)
+    logits = stage.head(stage.feats)
+    target = choose(_numpy(logits))
+    (grad,) = torch.autograd.grad(logits[0, target], stage.feats)
+    weights = grad.mean(dim=0)  # one weight per channel: the gradient averaged over the cells
+    cam = torch.relu(stage.feats.detach() @ weights)
+    cell_of_site = stage.cell_of_site.cpu().numpy()
+    values = cam[stage.cell_of_site].float().cpu().numpy()
+    # every site of a cell has the cell's value: the peak site inside the top cell is the one
+    # with the most input x gradient (Guided Grad-CAM's fusion, with input x gradient standing
+    # in for guided backpropagation)
+    in_top = np.flatnonzero(cell_of_site == cell_of_site[int(np.argmax(values))])
+    peak = int(in_top[0])
+    if in_top.size > 1:
+        fine = input_x_gradient(model, engine, x, sv, lambda _: target)
+        peak = int(in_top[np.argmax(fine.values[in_top])])
+    info = {
+        "cells": int(stage.feats.shape[0]),
+        "channels": int(stage.feats.shape[1]),
+        "peak_rule": "the cell of highest Grad-CAM, then its site of highest input x gradient",
+    }
+    return SiteMap(values, target, _numpy(logits), peak, info)
+
+
+def input_x_gradient(
+    model: torch.nn.Module, engine: Engine, x: Any, sv: SparseVolume, choose: Choose
+) -> SiteMap:
+    import torch
+
+    assert engine.explain is not None
+    leaf, gather = engine.explain.input_sites(x, sv)
+    logits = model(x)
+    target = choose(_numpy(logits))
+    (grad,) = torch.autograd.grad(logits[0, target], leaf)
+    contribution = (gather(grad) * gather(leaf.detach())).sum(dim=1)
+    values = torch.relu(contribution).float().cpu().numpy()
+    return SiteMap(values, target, _numpy(logits), int(np.argmax(values)))
+
+
+def occlusion_blocks(coords: npt.NDArray[np.int32], max_blocks: int = MAX_BLOCKS) -> tuple[int, Any]:
+    """(block size in sites, block index of every site): the smallest power-of-two block whose
+    count of occupied blocks is at most `max_blocks`."""
+    size = 1
+    while True:
+        _, inverse = np.unique(coords // size, axis=0, return_inverse=True)
+        if int(inverse.max()) + 1 <= max_blocks:
+            return size, inverse.reshape(-1)
+        size *= 2
+
+
+def occlusion(
+    model: torch.nn.Module,
+    engine: Engine,
+    cfg: ModelConfig,
+    sv: SparseVolume,
+    choose: Choose,
+    device: torch.device,
+) -> SiteMap:
+    """Blocks of `size` sites removed one at a time; then, coarse to fine, the top block is split
+    into its 8 half-size blocks, each removed from the whole scan, down to one site: the peak."""
+    import torch
+
+    size, block_of = occlusion_blocks(sv.coords)
+    n_blocks = int(block_of.max()) + 1
+    with torch.no_grad():
+        base = _numpy(model(engine.inputs([sv], device, cfg)))
+        target = choose(base)
+
+        def drops(groups: list[npt.NDArray[np.intp]]) -> npt.NDArray[np.float64]:
+            out = np.zeros(len(groups))
+            for g0 in range(0, len(groups), OCCLUSION_BATCH):
+                batch = []
+                for group in groups[g0 : g0 + OCCLUSION_BATCH]:
+                    keep = np.ones(sv.n_sites, dtype=bool)
+                    keep[group] = False
+                    batch.append(_subset(sv, keep))
+                logits = model(engine.inputs(batch, device, cfg)).double().cpu().numpy()
+                out[g0 : g0 + len(batch)] = base[target] - logits[:, target]
+            return out
+
+        if n_blocks == 1:  # removing the only block would leave nothing to classify
+            return SiteMap(
+                np.zeros(sv.n_sites, np.float32), target, base, 0, {"block_sites": size, "blocks": 1}
+            )
+        drop = drops(_groups(block_of))
+        region = np.flatnonzero(block_of == int(np.argmax(drop)))
+        passes, sub = n_blocks, size
+        while sub > 1 and region.size > 1:
+            sub //= 2
+            _, inverse = np.unique(sv.coords[region] // sub, axis=0, return_inverse=True)
+            groups = [region[g] for g in _groups(inverse.reshape(-1))]
+            if len(groups) > 1:
+                region = groups[int(np.argmax(drops(groups)))]
+                passes += len(groups)
+    values = np.maximum(drop, 0.0)[block_of].astype(np.float32)
+    info = {
+        "block_sites": size,
+        "blocks": n_blocks,
+        "forward_passes": passes + 1,
+        "peak_rule": "the block of largest drop, split in halves down to one site, each removed alone",
+    }
+    return SiteMap(values, target, base, int(region[0]), info)
+
+
+def _groups(labels: npt.NDArray[np.intp]) -> list[npt.NDArray[np.intp]]:
+    """Site indices of each label 0..max."""
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(int(labels.max()) + 2))
+    return [order[bounds[i] : bounds[i + 1]] for i in range(len(bounds) - 1)]
+
+
+def _subset(sv: SparseVolume, keep: npt.NDArray[np.bool_]) -> SparseVolume:
+    return SparseVolume(
+        coords=np.ascontiguousarray(sv.coords[keep]),
+        feats=np.ascontiguousarray(sv.feats[keep]),
+        grid_shape=sv.grid_shape,
+        affine=sv.affine,
+        params=sv.params,
+        source=sv.source,
+    )
