@@ -119,3 +119,8 @@ def phantoms(
     console.print(table)
     console.print(f"{len(paths)} scans ({format.value}) in {elapsed:.1f} s", highlight=False)
     console.print(f"labels: {Path(out_dir) / 'labels.csv'}", highlight=False, soft_wrap=True)
+    console.print(
+        f"findings (nodule centres in mm, RAS+, and radii): {Path(out_dir) / 'findings.csv'}",
+        highlight=False,
+        soft_wrap=True,
+    )

@@ -18,7 +18,7 @@ import csv
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -43,6 +43,7 @@ CLASSES = ("normal", "nodule")
 FOV_MM = (350.0, 350.0, 320.0)
 DEFAULT_SPACING = (3.65, 3.65, 5.0)  # 96 x 96 x 64: small enough for a CPU demo
 SLAB = 16  # slices rendered at once: bounds the temporaries of a 512 x 512 x 300 phantom
+FINDING_COLUMNS = ("path", "finding", "x_mm", "y_mm", "z_mm", "radius_mm")
 
 
 def default_shape(spacing: Sequence[float]) -> tuple[int, int, int]:
@@ -216,9 +217,14 @@ def generate_phantoms(
     first_index: int = 0,
     workers: int = 1,
 ) -> list[Path]:
-    """Write n phantoms and `labels.csv` (path,label; paths relative to out_dir) into out_dir.
+    """Write n phantoms, `labels.csv` (path,label; paths relative to out_dir) and `findings.csv`
+    into out_dir.
 
     NIfTI cases are ``case_0000.nii.gz``; DICOM cases are series folders ``case_0000/``.
+    findings.csv has one row per finding (normal cases have none): path, finding (``nodule``), its
+    centre in RAS+ mm in the written scan's world frame (the frame of the NIfTI affine, and of
+    the DICOM series read back) and its nominal radius in mm (the surface of a lobulated nodule
+    lies within about -20..+25 % of it).
 
     Returns:
         The written scan paths (files or folders), in case order.
@@ -243,14 +249,23 @@ def generate_phantoms(
         # the files are the same whatever the number of workers
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(workers, n), mp_context=ctx) as pool:
-            written = list(pool.map(_write_case, *zip(*jobs, strict=True)))
+            cases = list(pool.map(_write_case, *zip(*jobs, strict=True)))
     else:
-        written = [_write_case(*job) for job in jobs]
+        cases = [_write_case(*job) for job in jobs]
+    written = [path for path, _ in cases]
     with open(out / "labels.csv", "w", newline="") as fh:
         rows = csv.writer(fh)
         rows.writerow(["path", "label"])
         for path, label in zip(written, labels, strict=True):
             rows.writerow([path.relative_to(out).as_posix(), label])
+    with open(out / "findings.csv", "w", newline="") as fh:
+        rows = csv.writer(fh)
+        rows.writerow(FINDING_COLUMNS)
+        for path, meta in cases:
+            if "nodule_center_mm" in meta:
+                x, y, z = meta["nodule_center_mm"]
+                radius = round(float(meta["nodule_diameter_mm"]) / 2, 3)
+                rows.writerow([path.relative_to(out).as_posix(), "nodule", x, y, z, radius])
     return written
 
 
@@ -264,7 +279,7 @@ def _write_case(
     spacing: Sequence[float],
     vary_geometry: bool,
     nodule_mm: tuple[float, float],
-) -> Path:
+) -> tuple[Path, dict[str, Any]]:
     vol = make_phantom(
         label,
         case_rng(seed, index),
@@ -274,7 +289,7 @@ def _write_case(
         nodule_mm=nodule_mm,
         source=f"phantom:{seed}/{index}",
     )
-    return write_phantom(vol, stem, fmt)
+    return write_phantom(vol, stem, fmt), vol.meta
 
 
 def write_phantom(vol: Volume, stem: Path, fmt: Literal["nifti", "dicom"]) -> Path:
