@@ -112,15 +112,10 @@ def build_result_sr(
 ) -> hd.sr.ComprehensiveSR:
     """The SR of one prediction row (in memory); see ``write_result_sr``."""
     if series_number is None:
-        series_number = SR_SERIES_OFFSET + _number(evidence[0].get("SeriesNumber"))
-    # highdicom checks the patient and study values it is handed and refuses some that exports
-    # hold (sex "U", a partial date): it is handed blanks, and the source's values are copied after
-    blank = copy.deepcopy(evidence[0])
-    for keyword in _TYPE2:
-        setattr(blank, keyword, "")
+        series_number = derived_series_number(evidence[0], SR_SERIES_OFFSET)
     # Comprehensive SR: the content has no 3D coordinates, and it is the SR class PACS accept most widely
     sr = hd.sr.ComprehensiveSR(
-        evidence=[blank, *evidence[1:]],
+        evidence=[blank_patient(evidence[0]), *evidence[1:]],
         content=measurement_report(row, evidence, model),
         series_instance_uid=generate_uid(),
         series_number=series_number,
@@ -140,11 +135,25 @@ def build_result_sr(
     return sr
 
 
-def _number(value: Any) -> int:
+def blank_patient(source: Dataset) -> Dataset:
+    """A copy of ``source`` with the patient and study values highdicom checks left blank.
+
+    highdicom refuses some values that exports hold (sex "U", a partial date): a derived object is
+    built from this copy, then takes the source's values as they are
+    (``copy_patient_and_study_information``), so that it joins its study whatever they are.
+    """
+    blank = copy.deepcopy(source)
+    for keyword in _TYPE2:
+        setattr(blank, keyword, "")
+    return blank
+
+
+def derived_series_number(source: Dataset, offset: int) -> int:
+    """The number of a series derived from ``source``'s: offset + its SeriesNumber (0 if none)."""
     try:
-        return int(value)
+        return offset + int(source.get("SeriesNumber"))
     except (TypeError, ValueError):
-        return 0
+        return offset
 
 
 def write_result_sr(
