@@ -43,7 +43,8 @@ def predict(
     dicom_out: Annotated[
         Path | None,
         typer.Option(
-            "--dicom-out", help="Write a DICOM Structured Report per DICOM series into this folder."
+            "--dicom-out",
+            help="Write a DICOM SR per DICOM series (with --explain also its saliency as a Parametric Map).",
         ),
     ] = None,
     explain_dir: Annotated[
@@ -170,5 +171,21 @@ def predict(
             series=series,
             allow_non_ct=allow_non_ct,
         )
-    if summary["n_failed"] or any(r.error for r in srs) or any(r.get("error") for r in explained):
+    maps_failed = False
+    if explained and dicom_out is not None:
+        from ctsparse.dicom_node.saliency import write_saliency_maps
+
+        sources = [item.series.files if item.series else None for item in expansion.items]
+        for m in write_saliency_maps(explained, sources, dicom_out, started["model"]):
+            if m.path is not None:
+                console.print(f"saliency map of series {m.series_uid}: {m.path}", highlight=False)
+            else:
+                console.print(f"[red]error[/] {m.series_uid}: {m.error}", highlight=False)
+                maps_failed = True
+    if (
+        summary["n_failed"]
+        or any(r.error for r in srs)
+        or any(r.get("error") for r in explained)
+        or maps_failed
+    ):
         raise typer.Exit(1)

@@ -18,7 +18,7 @@ from ctsparse.cli.main import app
 from ctsparse.dicom_node.sr import SR_SERIES_OFFSET, write_result_sr, write_result_srs
 from ctsparse.dicom_node.sr_read import read_result_sr
 from ctsparse.errors import ScanError
-from ctsparse.io import write_dicom_series
+from ctsparse.io import read_volume, write_dicom_series
 from tests.io_helpers import PYDICOM_DATA, ramp_volume
 
 pytest.importorskip("MinkowskiEngine", reason="MinkowskiEngine is not installed: run scripts/setup.sh")
@@ -244,3 +244,29 @@ def test_source_values_highdicom_would_refuse_are_copied_as_they_are(tmp_path: P
     row = _row(pydicom.dcmread(files[0], stop_before_pixels=True), tmp_path / "u")
     ds = pydicom.dcmread(write_result_sr(row, files, tmp_path / "srs", _model_card()))
     assert ds.PatientSex == "U" and ds.SeriesNumber == SR_SERIES_OFFSET
+
+
+def test_explain_adds_a_parametric_map_per_series(
+    tiny_checkpoint: Path, export: Path, tmp_path: Path
+) -> None:
+    """With --explain, each DICOM series also gets its saliency map as a Parametric Map."""
+    srs, explained = tmp_path / "srs", tmp_path / "explain"
+    args = [str(tiny_checkpoint), str(export), "--dicom-out", str(srs), "--explain", str(explained)]
+    data, output, code = _predict(args, tmp_path)
+    assert code == 0, output
+    sources = _headers(export)
+    sums = []
+    for row in data["rows"]:
+        pm = pydicom.dcmread(srs / f"{row['series_uid']}.saliency.dcm")
+        own = {str(d.SOPInstanceUID) for d in sources if d.SeriesInstanceUID == row["series_uid"]}
+        refs = {
+            str(g.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+            for g in pm.PerFrameFunctionalGroupsSequence
+        }
+        assert refs == own and pm.StudyInstanceUID == sources[0].StudyInstanceUID
+        sums.append(float(pm.pixel_array.sum()))
+    # explain maps each scan on its own grid, so every map voxel is one pixel of one frame
+    maps = sorted(float(read_volume(p).array.sum()) for p in explained.glob("*_gradcam.nii.gz"))
+    assert len(maps) == 2 and max(maps) > 0
+    np.testing.assert_allclose(sorted(sums), maps, rtol=1e-4)
+    assert not any(word in output for word in IDENTIFIERS)
