@@ -29,9 +29,10 @@ from .render import (
 
 @handles_errors
 def predict(
+    ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(help="A best.pt / last.pt written by `ctsparse train`.")],
     inputs: Annotated[
-        list[str], typer.Argument(help="NIfTI files, DICOM folders, dataset folders or globs.")
+        list[str], typer.Argument(help="NIfTI files, DICOM folders, dataset folders, globs or dicomweb:URL.")
     ],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write rows to .csv or .json.")] = None,
     device: options.Device = "auto",
@@ -47,6 +48,14 @@ def predict(
             help="Write a DICOM SR per DICOM series (with --explain also its saliency as a Parametric Map).",
         ),
     ] = None,
+    study: Annotated[
+        str | None,
+        typer.Option("--study", help="StudyInstanceUID to retrieve (WADO-RS) from dicomweb:URL inputs."),
+    ] = None,
+    store: Annotated[
+        bool,
+        typer.Option("--store", help="Send each SR back to the dicomweb:URL its series came from (STOW-RS)."),
+    ] = False,
     explain_dir: Annotated[
         Path | None,
         typer.Option(
@@ -58,7 +67,8 @@ def predict(
     """Predict labels for CT scans with a trained checkpoint.
 
     A DICOM folder holding several CT series gives one row per series; the series left out
-    (other modalities, scouts, screenshots) are listed with the reason.
+    (other modalities, scouts, screenshots) are listed with the reason. An input
+    dicomweb:http://HOST/dicom-web with --study UID [--series UID] is retrieved first.
     """
     from ctsparse.device import configure_threads
     from ctsparse.inputs import expand_inputs
@@ -68,11 +78,15 @@ def predict(
     configure_threads(threads)  # torch + ME's OpenMP (when given) and ME's BLAS pool (always)
     if out is not None and out.suffix.lower() not in (".csv", ".json"):
         raise typer.BadParameter(f"{out}: --out must end in .csv or .json")
+    from ctsparse.dicom_node.dicomweb import RemoteInputs
+
+    remote = RemoteInputs.fetch(inputs, study, series, store)  # dicomweb:URL -> retrieved folders
+    ctx.call_on_close(remote.cleanup)  # also when the command fails
     t0 = time.perf_counter()
     done: list[str] = []
     started: dict[str, Any] = {}  # the checkpoint's classes, decision rule and training ranges
     with console.status("predicting...") as status:
-        expansion = expand_inputs(inputs, series_uid=series, allow_non_ct=allow_non_ct)
+        expansion = expand_inputs(remote.inputs, series_uid=series, allow_non_ct=allow_non_ct)
 
         def on_row(row: dict[str, Any]) -> None:
             done.append(row["path"])
@@ -90,12 +104,13 @@ def predict(
             allow_non_ct=allow_non_ct,
         )
         srs: list[SRResult] = []
-        if dicom_out is not None:
+        sr_dir = dicom_out or remote.sr_folder
+        if sr_dir is not None:
             from ctsparse.dicom_node.sr import write_result_srs
 
             status.update("writing DICOM SRs...")
             files = [item.series.files if item.series else None for item in expansion.items]
-            srs = write_result_srs(rows, dicom_out, started["model"], files)  # one per row, in order
+            srs = write_result_srs(rows, sr_dir, started["model"], files)  # one per row, in order
             for row, sr in zip(rows, srs, strict=True):
                 row.update(sr.columns())
     summary = summarize(rows, time.perf_counter() - t0, started.get("decision"))
@@ -149,6 +164,8 @@ def predict(
             console.print(f"[red]error[/] {sr.series_uid}: {sr.error}", highlight=False)
         elif sr.note and not sr.note.endswith("prediction failed"):
             console.print(f"[dim]{Path(sr.scan).name}: {sr.note}[/]", highlight=False)
+    for sr_path, url in remote.store([(sr.scan, sr.sr_path) for sr in srs]) if store else []:
+        console.print(f"stored {sr_path.name} at {url} (STOW-RS)", highlight=False)
     if out is not None:
         if out.suffix.lower() == ".json":
             skipped = [s.as_dict() for s in expansion.skipped]

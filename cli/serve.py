@@ -11,6 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
+from ctsparse.errors import CtsparseError
+
 from .console import console, handles_errors
 
 _STYLE = {"info": "", "warning": "yellow", "error": "bold red"}
@@ -28,6 +30,7 @@ def render_event(kind: str, info: dict[str, Any]) -> None:
         highlight=False,
         soft_wrap=True,
     )
+    console.file.flush()  # a log line must reach the file even if the process is killed next
 
 
 @handles_errors
@@ -39,12 +42,10 @@ def serve(
     Stops cleanly on Ctrl-C or SIGTERM; a restart carries on with what was received and not yet
     predicted or sent.
     """
-    from ctsparse.device import configure_threads
     from ctsparse.dicom_node.config import load_node_config
     from ctsparse.dicom_node.node import DicomNode
 
     cfg = load_node_config(config)
-    configure_threads(cfg.predict.threads)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -55,9 +56,11 @@ def serve(
     node = DicomNode(cfg, on_event=render_event)
     try:
         node.start()
-        while not stop.wait(0.5):
+        while not stop.wait(0.5) and not node.stopping:
             pass
     finally:
         node.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if node.fatal is not None:
+        raise CtsparseError(node.fatal)

@@ -92,3 +92,24 @@ def test_sent_destinations_are_remembered(tmp_path: Path) -> None:
     assert state.sent == ("PACS@h:104",) and state.error == "down"
     journal.done("1.5")
     assert journal.get("1.5").status == "done" and journal.to_send(now=3e12) == []  # type: ignore[union-attr]
+
+
+def test_serve_with_an_unusable_checkpoint_stops_with_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ctsparse.cli.main import app
+
+    (tmp_path / "best.pt").write_bytes(b"not a checkpoint")
+    config = tmp_path / "node.yaml"
+    config.write_text(f"checkpoint: {tmp_path / 'best.pt'}\nstorage: {tmp_path / 'node'}\nport: 0\n")
+    res = CliRunner().invoke(app, ["serve", "--config", str(config)])
+    assert res.exit_code == 1 and "'allowed_callers'" in res.output
+    config.write_text(config.read_text() + "allowed_callers: [PACS]\n")
+    res = CliRunner().invoke(app, ["serve", "--config", str(config)])
+    assert res.exit_code == 1, res.output
+    assert "listening on 127.0.0.1" in res.output and "stopped" in res.output
+    assert (
+        res.output.strip()
+        .splitlines()[-1]
+        .startswith(f"error: {tmp_path / 'best.pt'}: not a readable checkpoint")
+    )

@@ -22,8 +22,15 @@ from pydicom import dcmread
 
 from ctsparse.dicom_node.config import NodeConfig
 from ctsparse.dicom_node.journal import Journal, SeriesState
-from ctsparse.dicom_node.store import SUCCESS, send_c_store, send_stow, series_folder, write_instance
-from ctsparse.errors import CtsparseError
+from ctsparse.dicom_node.store import (
+    SUCCESS,
+    send_c_store,
+    send_stow,
+    series_folder,
+    set_no_delay,
+    write_instance,
+)
+from ctsparse.errors import CheckpointError, CtsparseError
 
 OnEvent = Callable[[str, dict[str, Any]], None]
 SrWriter = Callable[[dict[str, Any], list[Path], Path, dict[str, Any]], Path]
@@ -54,6 +61,7 @@ class DicomNode:
         self._worker: threading.Thread | None = None
         self._ae: Any = None
         self.port = cfg.port
+        self.fatal: str | None = None  # why the node stopped itself (an unusable checkpoint)
 
     def emit(self, kind: str, level: str, message: str, **fields: Any) -> None:
         if self._on_event is not None:
@@ -62,13 +70,16 @@ class DicomNode:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Check the checkpoint, recover the journal, listen, and start the worker."""
+        """Recover the journal, listen, start the worker, and load the checkpoint in the background.
+
+        Loading imports torch and MinkowskiEngine (seconds); the node listens meanwhile, and an
+        unusable checkpoint stops it (``fatal``). A missing file is refused at once.
+        """
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-        from ctsparse.models.checkpoint import load_checkpoint
-
-        load_checkpoint(self.cfg.checkpoint)  # a bad checkpoint stops the node before it listens
+        if not Path(self.cfg.checkpoint).is_file():
+            raise CheckpointError(self.cfg.checkpoint, "checkpoint file not found")
         if self._sr_writer is None:
             self._sr_writer = _default_sr_writer()
         self._recover()
@@ -77,7 +88,11 @@ class DicomNode:
             ae.add_supported_context(str(context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         ae.require_calling_aet = list(self.cfg.allowed_callers)
-        handlers: list[Any] = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected)]
+        handlers: list[Any] = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_CONN_OPEN, lambda event: set_no_delay(event.assoc)),
+        ]
         server = ae.start_server((self.cfg.bind, self.cfg.port), block=False, evt_handlers=handlers)
         assert server is not None  # block=False returns the running server
         self._ae = ae
@@ -91,6 +106,27 @@ class DicomNode:
             f"accepting {', '.join(self.cfg.allowed_callers)}; quiet period {self.cfg.quiet_seconds:g} s",
             port=self.port,
         )
+        threading.Thread(target=self._load_checkpoint, name="ctsparse-node-model", daemon=True).start()
+
+    def _load_checkpoint(self) -> None:
+        from ctsparse.device import configure_threads
+        from ctsparse.models.checkpoint import load_checkpoint
+
+        try:
+            configure_threads(self.cfg.predict.threads)  # before any torch work, as predict does
+            ckpt = load_checkpoint(self.cfg.checkpoint)
+        except Exception as exc:
+            self.fatal = str(exc) if isinstance(exc, CtsparseError) else f"{type(exc).__name__}: {exc}"
+            self.emit("fatal", "error", f"checkpoint unusable, stopping: {self.fatal}")
+            self._stop.set()
+            self._wake.set()
+            return
+        self.emit("ready", "info", f"checkpoint loaded (classes: {', '.join(ckpt.classes)})")
+
+    @property
+    def stopping(self) -> bool:
+        """True once the node stopped itself (see ``fatal``) or ``stop()`` was called."""
+        return self._stop.is_set()
 
     def stop(self) -> None:
         """Refuse new associations (aborting any in progress: their unacknowledged instances are
@@ -192,8 +228,6 @@ class DicomNode:
             self._process(state)
 
     def _process(self, state: SeriesState) -> None:
-        from ctsparse.predict import predict
-
         uid = state.series_uid
         folder = series_folder(self.storage, uid)
         attempt = self.journal.start(uid)
@@ -206,6 +240,8 @@ class DicomNode:
         )
         started: dict[str, Any] = {}  # predict's model card, which the SR names the model by
         try:
+            from ctsparse.predict import predict  # torch: the first import takes seconds
+
             rows = predict(
                 self.cfg.checkpoint, [folder], device=self.cfg.predict.device, on_start=started.update
             )

@@ -7,7 +7,9 @@ status 0x0000 may delete its copy.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,14 @@ def write_instance(event: Any, storage: Path) -> Received:
     return Received(SUCCESS, sop, series, study, path)
 
 
+def set_no_delay(assoc: Any) -> None:
+    """TCP_NODELAY on an association's socket. Each C-STORE is a few small writes (PDU headers,
+    command, response) that Nagle's algorithm holds until the peer's delayed ACK: ~40 ms per
+    instance on Linux, where the transfer itself takes a few ms."""
+    with contextlib.suppress(AttributeError, OSError):
+        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def send_c_store(path: Path, dest: Destination, calling_ae: str, timeout: float = 30.0) -> None:
     """C-STORE one file to a destination; raises NodeError unless it answered success."""
     from pynetdicom import AE
@@ -86,6 +96,7 @@ def send_c_store(path: Path, dest: Destination, calling_ae: str, timeout: float 
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
     if not assoc.is_established:
         raise NodeError(where, "association rejected or no answer")
+    set_no_delay(assoc)
     try:
         status = assoc.send_c_store(ds)
     finally:
