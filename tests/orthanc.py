@@ -53,6 +53,7 @@ class Orthanc:
     http_port: int
     dicom_port: int
     node_port: int
+    nodelay: bool = True  # False: DCMTK's default, Nagle's algorithm on (see start)
     process: subprocess.Popen[bytes] | None = None
     log: Path = field(init=False)
 
@@ -100,7 +101,7 @@ class Orthanc:
         with self.log.open("wb") as log:
             # DCMTK (Orthanc's DICOM layer) leaves Nagle's algorithm on unless TCP_NODELAY=1: each
             # instance it sends then waits ~40 ms for a delayed ACK (2 s for a 40-slice series)
-            env = {**os.environ, "TCP_NODELAY": "1"}
+            env = {**os.environ, "TCP_NODELAY": "1" if self.nodelay else "0"}
             self.process = subprocess.Popen([binary, str(cfg)], stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -177,9 +178,9 @@ class Orthanc:
         return path
 
 
-def start_orthanc(folder: Path) -> Orthanc:
+def start_orthanc(folder: Path, nodelay: bool = True) -> Orthanc:
     folder.mkdir(parents=True, exist_ok=True)
-    server = Orthanc(folder, free_port(), free_port(), free_port())
+    server = Orthanc(folder, free_port(), free_port(), free_port(), nodelay)
     server.start()
     return server
 
