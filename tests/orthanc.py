@@ -126,19 +126,21 @@ class Orthanc:
             self.process.wait()
         self.process = None
 
-    def request(self, method: str, path: str, body: bytes | None = None, content_type: str = "") -> Any:
+    def request(
+        self, method: str, path: str, body: bytes | None = None, content_type: str = "", timeout: float = 60
+    ) -> Any:
         req = urllib.request.Request(self.url + path, data=body, method=method)
         if content_type:
             req.add_header("Content-Type", content_type)
-        with urllib.request.urlopen(req, timeout=60) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             data = resp.read()
         return json.loads(data) if data else None
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)
 
-    def post_json(self, path: str, payload: Any) -> Any:
-        return self.request("POST", path, json.dumps(payload).encode(), "application/json")
+    def post_json(self, path: str, payload: Any, timeout: float = 60) -> Any:
+        return self.request("POST", path, json.dumps(payload).encode(), "application/json", timeout)
 
     def upload(self, files: list[Path]) -> list[str]:
         """POST each file to /instances; returns Orthanc's instance ids."""
@@ -151,7 +153,10 @@ class Orthanc:
 
     def send_to_node(self, resources: list[str], modality: str = NODE_MODALITY) -> Any:
         """C-STORE the resources (instance/series/study ids, in this order) to the node."""
-        return self.post_json(f"/modalities/{modality}/store", {"Resources": resources, "Synchronous": True})
+        body = {"Resources": resources, "Synchronous": True}
+        return self.post_json(
+            f"/modalities/{modality}/store", body, timeout=1800
+        )  # returns when all are sent
 
     def register_node(self, port: int, ae_title: str = NODE_AET, name: str = NODE_MODALITY) -> None:
         """Point Orthanc's modality `name` at a node listening on `port` (a test's own port)."""
