@@ -60,7 +60,7 @@ def _hand_built(path: Path, backend: str) -> Path:
             if value.dim() >= 2:
                 value.zero_()
         for key in ("stem.0", "stages.1.0"):  # the 1x1x1 stem and the stride-2 downsampling
-            if backend == "sparse":
+            if f"{key}.kernel" in state:
                 kernel = state[f"{key}.kernel"]  # (offsets, in, out); (in, out) for one offset
                 kernel[..., 0, 0] = 1.0
             else:

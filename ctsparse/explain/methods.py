@@ -39,7 +39,7 @@ METHODS = ("gradcam", "inputxgrad", "occlusion")
 GRADIENT_METHODS = ("gradcam", "inputxgrad")
 # Forward passes occlusion may spend on one scan; blocks of 1, 2, 4, ... sites per axis are tried
 # until they are this few.
-MAX_BLOCKS = 256
+MAX_BLOCKS = 64
 OCCLUSION_BATCH = 8  # occluded copies per forward pass
 
 F32 = npt.NDArray[np.float32]

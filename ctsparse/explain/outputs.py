@@ -10,13 +10,15 @@ RAS+ mm). Values are 0..1 stored as uint8 with scl_slope 1/255: a quarter of flo
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import nibabel as _nib
 import numpy as np
+import numpy.typing as npt
 
-from ctsparse.explain.core import Explanation, nearest_voxel
+from ctsparse.explain.core import Explanation, nearest_voxel, sites_to_grid
 from ctsparse.fileio import atomic_write, atomic_write_text
 from ctsparse.io.nifti import is_nifti_name
 from ctsparse.volume import Volume
@@ -29,20 +31,27 @@ SOFT_TISSUE_WINDOW = (-160.0, 240.0)
 _RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
 
 
-def _map_image(expl: Explanation, reference: Path | None) -> Any:
+def quantized_map(expl: Explanation) -> npt.NDArray[np.uint8]:
+    """The map on the volume's grid as uint8 (0..255 for 0..1), made from the sites directly so
+    that no float32 grid of the whole scan is ever allocated."""
+    q = np.rint(np.clip(expl.site_values, 0.0, 1.0) * 255).astype(np.uint8)
+    out: npt.NDArray[np.uint8] = sites_to_grid(expl.sites, q, expl.volume_shape, expl.volume_affine)
+    return out
+
+
+def _map_image(expl: Explanation, grid: npt.NDArray[np.uint8], reference: Path | None) -> Any:
     """The map as a NIfTI image on the reference NIfTI's grid, or on the Volume's grid."""
-    q = np.rint(np.clip(expl.volume_map, 0.0, 1.0) * 255).astype(np.uint8)
     if reference is not None and is_nifti_name(reference):
         ref = nib.load(str(reference))  # header only: the voxel data are never read here
         ornt = nib.orientations.io_orientation(ref.affine)
         # back from the RAS+ order read_nifti put it in to the file's own axis order
-        data = nib.orientations.apply_orientation(q, nib.orientations.ornt_transform(_RAS, ornt))
+        data = nib.orientations.apply_orientation(grid, nib.orientations.ornt_transform(_RAS, ornt))
         img = nib.Nifti1Image(np.ascontiguousarray(data), ref.affine)
         img.set_sform(*ref.header.get_sform(coded=True))
         img.set_qform(*ref.header.get_qform(coded=True))
         img.header.set_xyzt_units(*ref.header.get_xyzt_units())
     else:
-        img = nib.Nifti1Image(q, expl.volume_affine)
+        img = nib.Nifti1Image(grid, expl.volume_affine)
         img.set_sform(expl.volume_affine, code=1)
         img.set_qform(expl.volume_affine, code=1)
         img.header.set_xyzt_units("mm")
@@ -58,9 +67,11 @@ def peak_voxel_of(img: Any, peak_mm: tuple[float, float, float], units_to_mm: fl
     return list(nearest_voxel(aff, peak_mm, img.shape))
 
 
-def write_map_nifti(expl: Explanation, path: Path, reference: Path | None = None) -> list[int]:
-    """Write the map; returns the peak's voxel index in the written file's own order."""
-    img = _map_image(expl, reference)
+def write_map_nifti(
+    expl: Explanation, grid: npt.NDArray[np.uint8], path: Path, reference: Path | None = None
+) -> list[int]:
+    """Write the map (`quantized_map`); returns the peak's voxel index in the written file's order."""
+    img = _map_image(expl, grid, reference)
     with atomic_write(path) as fh:
         fh.write(img.to_bytes() if path.suffix == ".nii" else _gzip(img.to_bytes()))
     units = img.header.get_xyzt_units()[0]
@@ -96,53 +107,39 @@ def display_window(params: dict[str, Any]) -> tuple[float, float]:
     return LUNG_WINDOW if params.get("region") == "lungs" else SOFT_TISSUE_WINDOW
 
 
-def write_png(expl: Explanation, volume: Volume, path: Path) -> None:
-    """Axial, coronal and sagittal slices through the peak: CT in grey, saliency overlaid.
+@dataclass(frozen=True)
+class CtViews:
+    """The CT slices through a voxel (axial, coronal, sagittal), kept so that the volume itself
+    can be freed before the map is written."""
 
-    Radiological convention: the patient's right on the image's left; anterior up (axial),
-    superior up (coronal, sagittal); sagittal with anterior on the left. No patient data:
-    the title names the class, its probability and the method only.
-    """
-    import matplotlib
+    voxel: tuple[int, int, int]
+    slices: tuple[npt.NDArray[np.float32], ...]
+    spacing: tuple[float, float, float]
+    shape: tuple[int, int, int]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def ct_views(volume: Volume, voxel: tuple[int, int, int]) -> CtViews:
+    i, j, k = voxel
+    a = volume.array
+    slices = (a[:, :, k].copy(), a[:, j, :].copy(), a[i, :, :].copy())
+    return CtViews(voxel, slices, volume.spacing, volume.shape)
+
+
+def write_png(expl: Explanation, views: CtViews, grid: npt.NDArray[np.uint8], path: Path) -> None:
+    """Axial, coronal and sagittal slices through the peak: CT in grey, saliency overlaid
+    (ctsparse/explain/png.py). The title names the class, probability and method only."""
+    from ctsparse.explain.png import write_overlay_png
 
     lo, hi = display_window(expl.sites.params)
-    i, j, k = expl.peak_voxel
-    sx, sy, sz = volume.spacing
-    nx, ny, nz = volume.shape
-    # (title, CT slice, map slice, width and height in mm, peak in mm, edge letters l/r/b/t);
-    # every view's x axis is inverted: the patient's right (sagittal: anterior) on the left
-    views = [
-        ("axial", volume.array[:, :, k], expl.volume_map[:, :, k], (nx * sx, ny * sy), (i, j), "RLPA"),
-        ("coronal", volume.array[:, j, :], expl.volume_map[:, j, :], (nx * sx, nz * sz), (i, k), "RLIS"),
-        ("sagittal", volume.array[i, :, :], expl.volume_map[i, :, :], (ny * sy, nz * sz), (j, k), "APIS"),
-    ]
-    steps = {"axial": (sx, sy), "coronal": (sx, sz), "sagittal": (sy, sz)}
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4), layout="constrained", facecolor="black")
-    for ax, (name, ct, sal, (w, h), (a, b), letters) in zip(axes, views, strict=True):
-        extent = (0.0, w, 0.0, h)
-        ax.imshow(ct.T, cmap="gray", vmin=lo, vmax=hi, origin="lower", extent=extent, interpolation="nearest")
-        masked = np.ma.masked_less_equal(sal.T, 0.0)
-        ax.imshow(masked, cmap="inferno", vmin=0, vmax=1, alpha=0.45, origin="lower", extent=extent)
-        da, db = steps[name]
-        ax.plot([(a + 0.5) * da], [(b + 0.5) * db], marker="+", color="cyan", markersize=14, mew=1.5)
-        ax.invert_xaxis()
-        ax.set_title(name, color="white")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for pos, text in zip([(0.03, 0.5), (0.97, 0.5), (0.5, 0.03), (0.5, 0.97)], letters, strict=True):
-            ax.text(*pos, text, color="yellow", transform=ax.transAxes, ha="center", va="center")
+    i, j, k = views.voxel
+    maps = (grid[:, :, k], grid[:, j, :], grid[i, :, :])
     p = expl.probabilities[expl.label]
-    fig.suptitle(
-        f"predicted {expl.label} (p = {p:.2f}); {expl.method} map of {expl.target}; "
-        f"peak at ({', '.join(f'{v:.0f}' for v in expl.peak_mm)}) mm RAS+; window {lo:g}..{hi:g} HU",
-        color="white",
+    where = ", ".join(f"{v:.0f}" for v in expl.peak_mm)
+    title = (
+        f"predicted {expl.label} (p = {p:.2f}); {expl.method} map of {expl.target}\n"
+        f"peak (+) at ({where}) mm RAS+; window {lo:g}..{hi:g} HU"
     )
-    with atomic_write(path) as fh:
-        fig.savefig(fh, format="png", dpi=90, facecolor="black")
-    plt.close(fig)
+    write_overlay_png(path, views.slices, maps, views.voxel, views.spacing, (lo, hi), title)
 
 
 def report(expl: Explanation, peak_voxel: list[int], figures: dict[str, Any]) -> dict[str, Any]:

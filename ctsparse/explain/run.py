@@ -118,11 +118,14 @@ def explain_one(
             "png": out / f"{base}.png",
             "json": out / f"{base}.json",
         }
+        views = outputs.ct_views(volume, expl.peak_voxel)
+        del volume  # the scan's grid holds only the map from here on: the peak stays near predict's
+        grid = outputs.quantized_map(expl)
         reference = item.path if is_nifti_name(item.path) and item.path.is_file() else None
-        peak_voxel = outputs.write_map_nifti(expl, files["map"], reference)
+        peak_voxel = outputs.write_map_nifti(expl, grid, files["map"], reference)
         outputs.write_sites_npz(expl, files["sites"])
-        outputs.write_png(expl, volume, files["png"])
-        del volume
+        outputs.write_png(expl, views, grid, files["png"])
+        del grid
         t4 = time.perf_counter()
     times = {"read": t1 - t0, "preprocess": t2 - t1, "explain": t3 - t2, "write": t4 - t3, "total": t4 - t0}
     figures = {"time_s": times, "peak_rss_mb": mem.peak_bytes / 2**20}
