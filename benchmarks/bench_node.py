@@ -112,7 +112,13 @@ def one_run(
         sent = time.time()
         for study, _uid in series:
             orthanc.wait_for_srs(study, 1, timeout=600)
-        rows = journal_rows(storage)
+        # Orthanc holds the last SR a moment before the node's journal marks its series done
+        deadline = time.monotonic() + 60
+        while True:
+            rows = journal_rows(storage)
+            if sum(r["status"] == "done" for r in rows) == len(series) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
