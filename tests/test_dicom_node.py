@@ -28,7 +28,9 @@ from tests.orthanc import Orthanc, phantom_series
 def running(orthanc: Orthanc, tiny_checkpoint: Path, tmp_path: Path) -> Iterator[tuple[DicomNode, Events]]:
     """A node on a free port that Orthanc knows as modality `ctsparse`."""
     events = Events()
-    node = DicomNode(node_config(orthanc, tiny_checkpoint, tmp_path / "node"), on_event=events)
+    # every SR goes back twice, by C-STORE and STOW-RS: Orthanc keeps one instance per SOP UID
+    cfg = node_config(orthanc, tiny_checkpoint, tmp_path / "node", stow_url=orthanc.dicomweb)
+    node = DicomNode(cfg, on_event=events)
     node.start()
     orthanc.register_node(node.port)
     try:
@@ -55,6 +57,7 @@ def test_series_from_orthanc_comes_back_as_sr(
 
     state = wait_status(node.journal, series, ("done",))
     assert (state.instances, state.attempts, state.label) == (len(files), 1, expected["label"])
+    assert state.sent == (f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", f"stow:{orthanc.dicomweb}")
     stored = sorted(p.name for p in (node.storage / "series" / series).iterdir())
     assert stored == sorted(f"{_sop(f)}.dcm" for f in files)  # every instance on disk, no temp file
     assert events.of("series_done") and not events.of("series_failed")

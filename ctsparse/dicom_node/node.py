@@ -23,6 +23,7 @@ from pydicom import dcmread
 from ctsparse.dicom_node.config import NodeConfig
 from ctsparse.dicom_node.journal import Journal, SeriesState
 from ctsparse.dicom_node.store import (
+    OUT_OF_RESOURCES,
     SUCCESS,
     send_c_store,
     send_stow,
@@ -186,7 +187,12 @@ class DicomNode:
                 status=got.status,
             )
             return got.status
-        state = self.journal.received(got.series_uid, got.study_uid)
+        try:
+            state = self.journal.received(got.series_uid, got.study_uid)
+        except Exception as exc:  # the file is on disk (queued at the next start); the peer resends
+            message = f"instance {got.sop_uid}: stored but not journaled ({type(exc).__name__}); refused"
+            self.emit("instance_refused", "error", message)
+            return OUT_OF_RESOURCES
         if state.instances == 1:
             calling = str(getattr(event.assoc.requestor, "ae_title", "")).strip()
             self.emit(
