@@ -29,7 +29,7 @@ def test_the_config_accepts_exactly_the_registered_engines(pooled: str) -> None:
     assert pooled in available()
     assert load_config(None, [f"model.backend={pooled}"]).model.backend == pooled
     unregister(pooled)
-    known = r"unknown backend 'pooled' \(known: dense, sparse\)"
+    known = r"unknown backend 'pooled' \(known: dense, minkowski, sparse\)"
     with pytest.raises(ConfigError, match=rf"model\.backend.*{known}"):
         load_config(None, [f"model.backend={pooled}"])
 

@@ -51,7 +51,7 @@ def test_every_engine_checks_its_installation(backend: str) -> None:
 def test_an_unknown_backend_names_the_known_ones() -> None:
     from ctsparse.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"unknown backend 'conv' \(known: dense, sparse"):
+    with pytest.raises(ConfigError, match=r"unknown backend 'conv' \(known: dense, minkowski, sparse"):
         get_engine("conv")
 
 

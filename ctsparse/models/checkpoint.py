@@ -6,6 +6,7 @@ never arbitrary objects, so a checkpoint from an untrusted source cannot run cod
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import pickle
@@ -36,6 +37,8 @@ class LoadedCheckpoint:
     in_channels: int
     state_dict: dict[str, torch.Tensor]
     extra: dict[str, Any]
+    # which kernels ran the engine that wrote it (Engine.implementation), "" in older checkpoints
+    implementation: str = ""
 
 
 def versions(engine: Engine) -> dict[str, str]:
@@ -64,6 +67,7 @@ def save_checkpoint(
         "classes": list(classes),
         "in_channels": int(in_channels),
         "versions": versions(engine),
+        "implementation": engine.implementation(next(model.parameters()).device),
         "extra": extra or {},
     }
     with atomic_write(path) as fh:
@@ -114,7 +118,12 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
     if reason:
         raise CheckpointError(path, reason)
     return LoadedCheckpoint(
-        cfg, list(raw["classes"]), int(raw["in_channels"]), raw["state_dict"], raw.get("extra", {})
+        cfg,
+        list(raw["classes"]),
+        int(raw["in_channels"]),
+        raw["state_dict"],
+        raw.get("extra", {}),
+        str(raw.get("implementation", "")),
     )
 
 
@@ -143,10 +152,17 @@ def describe_model(path: str | Path, ckpt: LoadedCheckpoint) -> dict[str, Any]:
 
 
 def build_from_checkpoint(
-    path: str | Path, ckpt: LoadedCheckpoint | None = None
+    path: str | Path, ckpt: LoadedCheckpoint | None = None, backend: str | None = None
 ) -> tuple[torch.nn.Module, LoadedCheckpoint]:
-    """Model with the checkpoint's weights; a mismatch names the differing tensors."""
+    """Model with the checkpoint's weights; a mismatch names the differing tensors.
+
+    `backend` builds another engine's model than the one that wrote the checkpoint (e.g. a
+    `sparse` checkpoint on `minkowski`: the same network and weights); the weights must fit it.
+    """
     ckpt = ckpt or load_checkpoint(path)
+    if backend is not None and backend != ckpt.config.model.backend:
+        model_cfg = dataclasses.replace(ckpt.config.model, backend=backend)
+        ckpt = dataclasses.replace(ckpt, config=dataclasses.replace(ckpt.config, model=model_cfg))
     model = create_model(ckpt.config.model, ckpt.in_channels, len(ckpt.classes))
     own = model.state_dict()
     missing = [k for k in own if k not in ckpt.state_dict]

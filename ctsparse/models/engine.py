@@ -50,6 +50,10 @@ def _accept(cfg: ModelConfig, checkpoint: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _no_detail(device: torch.device) -> str:
+    return ""
+
+
 @dataclass(frozen=True)
 class LastStage:
     """The last stage's output for a batch of one scan, cut out of the network so that the rest
@@ -80,9 +84,7 @@ class SiteHooks:
     """
 
     last_stage: Callable[[torch.nn.Module, Any, SparseVolume], LastStage]
-    input_sites: Callable[
-        [Any, SparseVolume], tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
-    ]
+    input_sites: Callable[[Any, SparseVolume], tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,8 @@ class Engine:
         refuse_checkpoint: (model config, raw checkpoint) -> why this engine cannot use those
             weights, or None.
         explain: the hooks saliency methods need (None: only the gradient-free ones work).
+        implementation: device -> which kernels run this engine there (recorded in checkpoints
+            and metrics; "" when there is nothing to say beyond the engine's name).
     """
 
     name: str
@@ -115,6 +119,7 @@ class Engine:
     checkpoint_fields: Callable[[], dict[str, Any]] = _no_fields
     refuse_checkpoint: Callable[[ModelConfig, Mapping[str, Any]], str | None] = _accept
     explain: SiteHooks | None = None
+    implementation: Callable[[torch.device], str] = _no_detail
 
     def inputs(self, svs: Sequence[SparseVolume], device: torch.device, cfg: ModelConfig) -> Any:
         """The model's input for a batch of scans, on `device`."""

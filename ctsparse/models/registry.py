@@ -18,9 +18,13 @@ if TYPE_CHECKING:
 
     from ctsparse.config import ModelConfig
 
-# name -> the module under models/ that defines its ENGINE. A new engine is one line here.
+# name -> the module under models/ that defines its ENGINE (or "module:NAME" for another
+# attribute). A new engine is one line here.
 BUILTIN: dict[str, str] = {
-    "sparse": "ctsparse.models.sparse",  # MinkowskiEngine on the kept sites
+    # the network on the kept sites: ctsparse's kernels on the CPU, MinkowskiEngine on CUDA
+    "sparse": "ctsparse.models.sparse",
+    # the same network and weights on MinkowskiEngine on every device
+    "minkowski": "ctsparse.models.sparse:MINKOWSKI",
     "dense": "ctsparse.models.dense",  # the same topology with Conv3d on the densified grid
 }
 _LOADED: dict[str, Engine] = {}
@@ -50,7 +54,8 @@ def get_engine(name: str) -> Engine:
     if name not in _LOADED:
         if name not in BUILTIN:
             raise ConfigError("model.backend", f"unknown backend {name!r} (known: {', '.join(available())})")
-        engine = import_module(BUILTIN[name]).ENGINE
+        module, _, attribute = BUILTIN[name].partition(":")
+        engine = getattr(import_module(module), attribute or "ENGINE")
         _LOADED[name] = engine
     return _LOADED[name]
 

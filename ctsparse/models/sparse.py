@@ -1,4 +1,4 @@
-"""The sparse residual classifier on MinkowskiEngine.
+"""The sparse residual classifier: MinkowskiEngine's layers, and ctsparse's CPU kernels.
 
 ResNetBase pattern: variants differ only in widths, depths and kernel shape (configs/*.yaml).
 
@@ -7,12 +7,20 @@ ResNetBase pattern: variants differ only in widths, depths and kernel shape (con
 
 Max pooling sits beside average pooling because the findings we classify (a nodule) are small and
 local: averaging over ~10^5 sites dilutes them, the maximum keeps them.
+
+Every layer is an ME layer that also takes a `SiteTensor` (models/siteconv.py): the input decides
+the implementation. Engine `sparse` collates a SiteTensor on the CPU, where ctsparse's torch
+kernels are faster than ME 0.5.4's CPU backend (docs/benchmarks.md, "CPU sparse convolution
+against spconv"), and an ME.SparseTensor on CUDA; engine `minkowski` always collates for ME. Both
+run the same module with the same weights and state_dict keys, so a checkpoint of one is a
+checkpoint of the other.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import Any, TypeAlias, cast
 
 import MinkowskiEngine as ME
 import numpy as np
@@ -21,9 +29,38 @@ from torch import nn
 
 from ctsparse.config import ModelConfig
 from ctsparse.models import minkowski
-from ctsparse.models.engine import Engine, LastStage, SiteHooks
+from ctsparse.models.engine import Check, Engine, LastStage, SiteHooks
 from ctsparse.models.pooled_norm import PooledNorm
+from ctsparse.models.siteconv import SiteTensor, site_conv
+from ctsparse.models.sitemaps import SiteSet
 from ctsparse.sparse_volume import SparseVolume
+
+Sparse: TypeAlias = "ME.SparseTensor | SiteTensor"  # the input decides the implementation
+
+
+class Convolution(ME.MinkowskiConvolution):  # type: ignore[misc]
+    """ME's convolution; on a SiteTensor, the same kernel tensor through models/siteconv."""
+
+    def forward(self, input: Sparse, coordinates: Any = None) -> Sparse:
+        if isinstance(input, SiteTensor):
+            kg = self.kernel_generator
+            cross = kg.region_type == ME.RegionType.HYPER_CROSS
+            return site_conv(input, self.kernel, kg.kernel_size[0], kg.kernel_stride[0], cross)
+        return super().forward(input, coordinates)
+
+
+class BatchNorm(ME.MinkowskiBatchNorm):  # type: ignore[misc]
+    def forward(self, input: Sparse) -> Sparse:
+        if isinstance(input, SiteTensor):
+            return input.replace(self.bn(input.F))
+        return super().forward(input)
+
+
+class ReLU(ME.MinkowskiReLU):  # type: ignore[misc]
+    def forward(self, input: Sparse) -> Sparse:
+        if isinstance(input, SiteTensor):
+            return input.replace(self.module(input.F))
+        return super().forward(input)
 
 
 def _kernel(cfg: ModelConfig, size: int, stride: int = 1) -> ME.KernelGenerator:
@@ -33,8 +70,8 @@ def _kernel(cfg: ModelConfig, size: int, stride: int = 1) -> ME.KernelGenerator:
     return ME.KernelGenerator(kernel_size=size, stride=stride, dimension=3, region_type=region)
 
 
-def _conv(cfg: ModelConfig, cin: int, cout: int, size: int, stride: int = 1) -> ME.MinkowskiConvolution:
-    return ME.MinkowskiConvolution(
+def _conv(cfg: ModelConfig, cin: int, cout: int, size: int, stride: int = 1) -> Convolution:
+    return Convolution(
         cin,
         cout,
         kernel_size=size,
@@ -45,7 +82,7 @@ def _conv(cfg: ModelConfig, cin: int, cout: int, size: int, stride: int = 1) -> 
     )
 
 
-def global_avg_max(x: ME.SparseTensor) -> tuple[torch.Tensor, torch.Tensor]:
+def global_avg_max(x: Sparse) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-scan mean and max of the features, rows in batch-index order.
 
     Done in torch by batch index rather than with ME's MinkowskiGlobalAvg/MaxPooling: in ME 0.5.4's
@@ -56,7 +93,7 @@ def global_avg_max(x: ME.SparseTensor) -> tuple[torch.Tensor, torch.Tensor]:
     checks this function against a per-scan loop, forward and backward.
     """
     feats = x.F
-    b = x.C[:, 0].long().to(feats.device)
+    b = (x.sites.coords[:, 0] if isinstance(x, SiteTensor) else x.C[:, 0]).long().to(feats.device)
     n, c = int(b.max()) + 1, feats.shape[1]
     count = torch.bincount(b, minlength=n).clamp_min(1).unsqueeze(1).to(feats.dtype)
     avg = torch.zeros(n, c, dtype=feats.dtype, device=feats.device).index_add(0, b, feats) / count
@@ -70,19 +107,19 @@ class SparseBasicBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, channels: int) -> None:
         super().__init__()
         self.conv1 = _conv(cfg, channels, channels, 3)
-        self.norm1 = ME.MinkowskiBatchNorm(channels)
+        self.norm1 = BatchNorm(channels)
         self.conv2 = _conv(cfg, channels, channels, 3)
-        self.norm2 = ME.MinkowskiBatchNorm(channels)
-        self.relu = ME.MinkowskiReLU(inplace=True)
+        self.norm2 = BatchNorm(channels)
+        self.relu = ReLU(inplace=True)
 
-    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+    def forward(self, x: Sparse) -> Sparse:
         out = self.relu(self.norm1(self.conv1(x)))
         out = self.norm2(self.conv2(out))
         return self.relu(out + x)
 
 
 class SparseResNet(nn.Module):
-    """Input: an ME.SparseTensor of a batch of scans. Output: logits (B, num_classes)."""
+    """Input: an ME.SparseTensor or a SiteTensor of a batch of scans. Output: logits (B, num_classes)."""
 
     backend = "sparse"
 
@@ -93,8 +130,8 @@ class SparseResNet(nn.Module):
         w = cfg.widths
         self.stem = nn.Sequential(
             _conv(cfg, in_channels, w[0], cfg.stem_kernel),
-            ME.MinkowskiBatchNorm(w[0]),
-            ME.MinkowskiReLU(inplace=True),
+            BatchNorm(w[0]),
+            ReLU(inplace=True),
         )
         stages: list[nn.Module] = []
         for i, (width, depth) in enumerate(zip(w, cfg.depths, strict=True)):
@@ -102,8 +139,8 @@ class SparseResNet(nn.Module):
             if i > 0:
                 layers += [
                     _conv(cfg, w[i - 1], width, 2, stride=2),
-                    ME.MinkowskiBatchNorm(width),
-                    ME.MinkowskiReLU(True),
+                    BatchNorm(width),
+                    ReLU(True),
                 ]
             layers += [SparseBasicBlock(cfg, width) for _ in range(depth)]
             stages.append(nn.Sequential(*layers))
@@ -113,11 +150,11 @@ class SparseResNet(nn.Module):
         self.num_features = 2 * w[-1] + (2 * in_channels if cfg.input_pooling else 0)
         self.head = nn.Linear(self.num_features, num_classes)
 
-    def forward_features(self, x: ME.SparseTensor) -> torch.Tensor:
+    def forward_features(self, x: Sparse) -> torch.Tensor:
         """Pooled embedding (B, 2 * widths[-1]), rows ordered by batch index."""
         return self.pool(self.stages(self.stem(x)), x)
 
-    def pool(self, y: ME.SparseTensor, x: ME.SparseTensor) -> torch.Tensor:
+    def pool(self, y: Sparse, x: Sparse) -> torch.Tensor:
         """The embedding from the last stage's output `y` (and the input `x`, for input pooling)."""
         avg, mx = global_avg_max(y)
         if self.input_norm is None:
@@ -127,7 +164,7 @@ class SparseResNet(nn.Module):
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(features))
 
-    def forward(self, x: ME.SparseTensor) -> torch.Tensor:
+    def forward(self, x: Sparse) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
 
@@ -140,10 +177,28 @@ def batched_coordinates(svs: Sequence[SparseVolume]) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts, axis=0), dtype=np.int32)
 
 
-def collate_sparse(svs: Sequence[SparseVolume], device: torch.device, multiple: int = 1) -> ME.SparseTensor:
+def collate_sparse(svs: Sequence[SparseVolume], device: torch.device, multiple: int = 1) -> Sparse:
+    """Engine `sparse`: a SiteTensor on the CPU (ctsparse's kernels), an ME.SparseTensor elsewhere."""
+    if device.type == "cpu":
+        return collate_sites(svs)
+    return collate_minkowski(svs, device, multiple)
+
+
+def _features(svs: Sequence[SparseVolume]) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(np.concatenate([sv.feats for sv in svs], axis=0)))
+
+
+def collate_sites(svs: Sequence[SparseVolume]) -> SiteTensor:
+    """One SiteTensor for a batch of scans, rows in input order (a fresh SiteSet: no maps yet)."""
+    return SiteTensor(_features(svs), SiteSet(torch.from_numpy(batched_coordinates(svs))))
+
+
+def collate_minkowski(
+    svs: Sequence[SparseVolume], device: torch.device, multiple: int = 1
+) -> ME.SparseTensor:
     """One ME.SparseTensor for a batch of scans (`multiple` is unused: any grid will do)."""
     coords = torch.from_numpy(batched_coordinates(svs))
-    feats = torch.from_numpy(np.ascontiguousarray(np.concatenate([sv.feats for sv in svs], axis=0)))
+    feats = _features(svs)
     # An explicit coordinate manager: ME's default one resets OpenMP to min(cpu_count, 20) threads
     # every time a tensor is built, silently undoing torch.set_num_threads / --threads.
     manager = ME.CoordinateManager(D=3, num_threads=torch.get_num_threads())
@@ -169,40 +224,84 @@ def _rows_of(table: np.ndarray, query: np.ndarray) -> np.ndarray:
     return rows
 
 
-def _last_stage(module: nn.Module, x: ME.SparseTensor, sv: SparseVolume) -> LastStage:
+def _last_stage(module: nn.Module, x: Sparse, sv: SparseVolume) -> LastStage:
     model = cast(SparseResNet, module)
     with torch.no_grad():  # Grad-CAM differentiates only what follows the last stage
         y = model.stages(model.stem(x))
     leaf = y.F.detach().clone().requires_grad_(True)
-    key, manager = y.coordinate_map_key, y.coordinate_manager
     # ME keeps coordinates in input units: the cell covering a site is the site floored to the stride
     stride = np.asarray(y.tensor_stride, dtype=np.int64)
     covering = sv.coords.astype(np.int64) // stride * stride
     rows = _rows_of(y.C[:, 1:].cpu().numpy().astype(np.int64), covering)
 
     def head(feats: torch.Tensor) -> torch.Tensor:
-        out = ME.SparseTensor(feats, coordinate_map_key=key, coordinate_manager=manager)
+        if isinstance(y, SiteTensor):
+            return model.forward_head(model.pool(y.replace(feats), x))
+        out = ME.SparseTensor(
+            feats, coordinate_map_key=y.coordinate_map_key, coordinate_manager=y.coordinate_manager
+        )
         return model.forward_head(model.pool(out, x))
 
     return LastStage(leaf, torch.from_numpy(rows).to(leaf.device), head)
 
 
-def _input_sites(
-    x: ME.SparseTensor, sv: SparseVolume
-) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+def _input_sites(x: Sparse, sv: SparseVolume) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     rows = torch.from_numpy(_rows_of(x.C[:, 1:].cpu().numpy().astype(np.int64), sv.coords.astype(np.int64)))
     leaf = x.F.requires_grad_(True)
     return leaf, lambda t: t[rows.to(t.device)]
 
 
+def check_cpu_kernels() -> list[Check]:
+    """ME's probes, then ctsparse's CPU kernels against ME's convolution on a small input."""
+    checks = minkowski.check_installed()
+    try:
+        coords = torch.tensor([[0, 0, 0, 0], [0, 0, 0, 1], [0, 1, 1, 0], [1, 2, 0, 0]], dtype=torch.int32)
+        feats = torch.arange(8.0).view(4, 2)
+        conv = Convolution(2, 3, kernel_size=3, dimension=3, bias=False)
+        manager = ME.CoordinateManager(D=3, num_threads=torch.get_num_threads())
+        with torch.no_grad():
+            ours = conv(SiteTensor(feats, SiteSet(coords)))
+            theirs = conv(ME.SparseTensor(feats, coordinates=coords, coordinate_manager=manager))
+        ok = bool(torch.allclose(_by_site(ours), _by_site(theirs), atol=1e-5))
+        detail = "equal ME's convolution on a smoke input" if ok else "differ from ME's convolution"
+    except Exception as exc:
+        ok, detail = False, f"failed: {str(exc).splitlines()[0]}"
+    return [*checks, Check("ctsparse CPU kernels", ok, detail, "" if ok else "report this as a bug")]
+
+
+def _by_site(x: Sparse) -> torch.Tensor:
+    """Features in the order of their (batch, x, y, z): ME keeps rows in an order of its own."""
+    c = x.C.long()
+    return x.F[torch.argsort(((c[:, 0] * 1024 + c[:, 1]) * 1024 + c[:, 2]) * 1024 + c[:, 3])]
+
+
+def _check_minkowski() -> list[Check]:
+    return [Check("minkowski engine", True, "the sparse network on MinkowskiEngine on every device")]
+
+
+def _on_minkowski(device: torch.device) -> str:
+    return f"MinkowskiEngine {ME.__version__} ({device.type})"
+
+
+def _auto(device: torch.device) -> str:
+    return "ctsparse CPU kernels (torch)" if device.type == "cpu" else _on_minkowski(device)
+
+
+# The sparse network, on ctsparse's kernels on the CPU and on MinkowskiEngine on CUDA
 ENGINE = Engine(
     name="sparse",
     build=build_sparse,
     collate=collate_sparse,
     needs_me=True,
-    check=minkowski.check_installed,
+    check=check_cpu_kernels,
     versions=minkowski.version,
     checkpoint_fields=minkowski.checkpoint_fields,
     refuse_checkpoint=minkowski.refuse_checkpoint,
     explain=SiteHooks(last_stage=_last_stage, input_sites=_input_sites),
+    implementation=_auto,
+)
+# The same network on MinkowskiEngine everywhere, its CPU backend included (what `sparse` ran on
+# the CPU before ctsparse had kernels of its own): for comparisons, and as a fallback
+MINKOWSKI = dataclasses.replace(
+    ENGINE, name="minkowski", collate=collate_minkowski, check=_check_minkowski, implementation=_on_minkowski
 )

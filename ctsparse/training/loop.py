@@ -302,6 +302,7 @@ def _train(
     if d.is_main:
         metrics = _final_metrics(out, val_set or train_set, cfg, dev, loss_fn, classes, bool(val_set), ranges)
         metrics["skipped"] = skipped
+        metrics["implementation"] = get_engine(cfg.model.backend).implementation(dev)  # which kernels ran
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
         hist.plots(out, classes, metrics)
     emit("done", {"metrics": metrics, "interrupted": interrupted})

@@ -1,0 +1,144 @@
+"""The arithmetic of the CPU sparse path: convolutions along a kernel map, in torch ops.
+
+Two ways to run a map, picked per map by its density (models/siteconv.py):
+
+- im2col over row chunks: for R output sites, the input rows of their K neighbours (a zero row
+  where there is none) are gathered into one (R, K * cin) matrix and multiplied by the
+  (K * cin, cout) kernel, ME's (K, cin, cout) weight as it is. Chunks of about a megabyte stay in
+  cache, and one GEMM per chunk replaces ME's serial per-offset gather, small GEMM and scatter-add.
+  grad_input of a submanifold map is the same gather on the same table (site j reads site i through
+  offset d exactly when i reads j through -d), so that backward pass never scatters; that of the
+  stride-2 downsampling is a scatter in which every input row is written once.
+- pairs, for sparse neighbourhoods: per offset, gather the inputs that have an output there,
+  multiply, scatter-add. Only present pairs are multiplied; a submanifold centre (every site onto
+  itself) is one GEMM without gather or scatter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ctsparse.models.sitemaps import Pairs
+
+# floats in one chunk's gathered matrix (~1 MiB): measured best between 256 KiB and 4 MiB
+CHUNK_FLOATS = 1 << 18
+
+
+def _rows(width: int) -> int:
+    return max(32, CHUNK_FLOATS // max(width, 1))
+
+
+def _padded(x: torch.Tensor) -> torch.Tensor:
+    """x with a zero row appended: the row a missing neighbour (index N) reads."""
+    return torch.cat([x, x.new_zeros(1, x.shape[1])])
+
+
+def gather_gemm(x: torch.Tensor, table: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """out[i] = sum_k x[table[i, k]] @ weight[k] (rows of x at index len(x) read as zeros).
+
+    x: (N, cin); table: (M, K) int32; weight: (K, cin, cout). Returns (M, cout).
+    """
+    m, k = table.shape
+    w2 = weight.reshape(k * weight.shape[1], weight.shape[2])
+    out = x.new_empty(m, weight.shape[2])
+    xp = _padded(x)
+    step = _rows(w2.shape[0])
+    for s in range(0, m, step):
+        rows = table[s : s + step]
+        cols = xp.index_select(0, rows.reshape(-1)).view(rows.shape[0], -1)
+        torch.mm(cols, w2, out=out[s : s + step])
+    return out
+
+
+def gather_weight_grad(x: torch.Tensor, table: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """d(loss)/d(weight) of gather_gemm: sum over chunks of gathered-x^T @ grad_out, (K, cin, cout)."""
+    m, k = table.shape
+    cin = x.shape[1]
+    gw = x.new_zeros(k * cin, grad_out.shape[1])
+    xp = _padded(x)
+    step = _rows(k * cin)
+    for s in range(0, m, step):
+        rows = table[s : s + step]
+        cols = xp.index_select(0, rows.reshape(-1)).view(rows.shape[0], -1)
+        gw.addmm_(cols.t(), grad_out[s : s + step])
+    return gw.view(k, cin, -1)
+
+
+def submanifold_backward(
+    x: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tensor, flip: list[int],
+    input_grad: bool, weight_grad: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """Both gradients of a submanifold gather_gemm from one gather of the output gradient.
+
+    Site j reads site i = table[j, k] through offset k exactly when i reads j through the mirrored
+    offset flip[k]. With G the gathered rows grad_out[table[j, :]] of a chunk of sites j:
+    grad_x[j] = G @ (weight[flip] transposed), and G^T @ x[j] summed over chunks holds
+    grad_weight[flip[k]]^T in block k, so the input rows never need gathering.
+    """
+    k, cin, cout = weight.shape
+    wt = weight[flip].transpose(1, 2).reshape(k * cout, cin)
+    gx = x.new_empty(x.shape[0], cin) if input_grad else None
+    gwt = x.new_zeros(k * cout, cin) if weight_grad else None
+    gp = _padded(grad_out)
+    step = _rows(k * cout)
+    for s in range(0, x.shape[0], step):
+        rows = table[s : s + step]
+        g = gp.index_select(0, rows.reshape(-1)).view(rows.shape[0], -1)
+        if gx is not None:
+            torch.mm(g, wt, out=gx[s : s + step])
+        if gwt is not None:
+            gwt.addmm_(g.t(), x[s : s + step])
+    gw = None if gwt is None else gwt.view(k, cout, cin)[flip].transpose(1, 2)
+    return gx, gw
+
+
+def scatter_gemm(
+    grad_out: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, n_in: int
+) -> torch.Tensor:
+    """grad_input of gather_gemm for a table in which each input row appears at most once."""
+    m, k = table.shape
+    cin = weight.shape[1]
+    wt = weight.permute(2, 0, 1).reshape(weight.shape[2], k * cin)
+    gx = grad_out.new_zeros(n_in + 1, cin)
+    step = _rows(k * cin)
+    for s in range(0, m, step):
+        rows = table[s : s + step].reshape(-1)
+        # the absent-child index n_in collects several rows; it is dropped below
+        gx.index_copy_(0, rows.long(), (grad_out[s : s + step] @ wt).view(-1, cin))
+    return gx[:n_in]
+
+
+def pairs_forward(x: torch.Tensor, pairs: Pairs, weight: torch.Tensor, m: int) -> torch.Tensor:
+    """out[o] = sum over the pairs (i, o) of offset k of x[i] @ weight[k]; (m, cout)."""
+    out = x @ weight[pairs.identity] if pairs.identity is not None else x.new_zeros(m, weight.shape[2])
+    for k in range(weight.shape[0]):
+        lo, hi = pairs.starts[k], pairs.starts[k + 1]
+        if hi > lo:
+            rows = pairs.inputs[lo:hi]
+            out.index_add_(0, pairs.outputs[lo:hi], x.index_select(0, rows) @ weight[k])
+    return out
+
+
+def pairs_backward(
+    x: torch.Tensor, pairs: Pairs, weight: torch.Tensor, grad_out: torch.Tensor, input_grad: bool,
+    weight_grad: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    gx = x.new_zeros(x.shape) if input_grad else None
+    gw = torch.zeros_like(weight) if weight_grad else None
+    c = pairs.identity
+    if c is not None:
+        if gx is not None:
+            gx += grad_out @ weight[c].t()
+        if gw is not None:
+            gw[c] = x.t() @ grad_out
+    for k in range(weight.shape[0]):
+        lo, hi = pairs.starts[k], pairs.starts[k + 1]
+        if hi == lo:
+            continue
+        rows = pairs.inputs[lo:hi]
+        g = grad_out.index_select(0, pairs.outputs[lo:hi])
+        if gx is not None:
+            gx.index_add_(0, rows, g @ weight[k].t())
+        if gw is not None:
+            gw[k] = x.index_select(0, rows).t() @ g
+    return gx, gw

@@ -1,0 +1,169 @@
+"""The CPU sparse path (models/siteconv.py, models/sitemaps.py) against torch's conv3d and against
+MinkowskiEngine: same values and gradients, same weights and checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ctsparse.collate import collate
+from ctsparse.config import ModelConfig
+from ctsparse.models import create_model, siteconv, sitemaps
+from ctsparse.models.siteconv import SiteTensor, site_conv
+from ctsparse.models.sitemaps import SiteSet, kernel_offsets
+from ctsparse.sparse_volume import SparseVolume
+
+pytest.importorskip("MinkowskiEngine", reason="MinkowskiEngine is not installed: run scripts/setup.sh")
+
+SHAPE = (8, 6, 8)  # even: the stride-2 conv3d covers every cell
+
+
+def random_sites(rng: np.random.Generator, batch: int, occupancy: float) -> torch.Tensor:
+    """(N, 4) int32 batch, x, y, z; an isolated site and an empty-ish scan included."""
+    parts = []
+    for b in range(batch):
+        pts = np.argwhere(rng.random(SHAPE) < (occupancy if b != 1 else 0.03))
+        pts = np.concatenate([pts, [[0, 0, 0], [7, 5, 7]]])  # two corners: isolated unless filled
+        pts = np.unique(pts, axis=0)
+        parts.append(np.concatenate([np.full((len(pts), 1), b), pts], 1))
+    return torch.from_numpy(np.concatenate(parts).astype(np.int32))
+
+
+def dense_weight(weight: torch.Tensor, size: int, offsets: sitemaps.Offsets) -> torch.Tensor:
+    """ME's (K, cin, cout) kernel as conv3d's (cout, cin, s, s, s), zeros off the kernel."""
+    low = -(size // 2) if size % 2 else 0
+    out = weight.new_zeros(weight.shape[2], weight.shape[1], size, size, size)
+    for k, (dx, dy, dz) in enumerate(offsets):
+        out[:, :, dx - low, dy - low, dz - low] = weight[k].T
+    return out
+
+
+def densify(coords: torch.Tensor, feats: torch.Tensor, batch: int) -> torch.Tensor:
+    grid = feats.new_zeros(batch, feats.shape[1], *SHAPE)
+    c = coords.long()
+    grid[c[:, 0], :, c[:, 1], c[:, 2], c[:, 3]] = feats
+    return grid
+
+
+@pytest.mark.parametrize("path", ["im2col", "pairs"])
+@pytest.mark.parametrize(
+    ("size", "stride", "cross"), [(3, 1, False), (3, 1, True), (5, 1, True), (1, 1, False), (2, 2, False)]
+)
+def test_site_convolution_equals_conv3d_forward_and_backward(
+    size: int, stride: int, cross: bool, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(siteconv, "PAIR_DENSITY", 10.0 if path == "pairs" else 0.0)
+    rng = np.random.default_rng(size + 10 * cross)
+    batch, cin, cout = 3, 4, 5
+    coords = random_sites(rng, batch, 0.35)
+    offsets = kernel_offsets(size, cross)
+    feats = torch.randn(len(coords), cin, dtype=torch.float64, requires_grad=True)
+    shape = (cin, cout) if size == 1 else (len(offsets), cin, cout)  # ME keeps a size-1 kernel 2-D
+    weight = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    out = site_conv(SiteTensor(feats, SiteSet(coords)), weight, size, stride, cross)
+    ref_grid = F.conv3d(
+        densify(coords, feats, batch),
+        dense_weight(weight.view(len(offsets), cin, cout), size, offsets),
+        stride=stride,
+        padding=size // 2 if stride == 1 else 0,
+    )
+    oc = out.sites.coords.long()
+    if stride == 2:  # the output sites are exactly the coarse cells holding an input site
+        cells = torch.cat([coords[:, :1], coords[:, 1:].div(2, rounding_mode="floor")], 1)
+        assert torch.equal(torch.unique(cells, dim=0), torch.unique(oc, dim=0))
+        assert out.tensor_stride == [2, 2, 2] and torch.equal(out.C[:, 1:], 2 * out.sites.coords[:, 1:])
+    ref = ref_grid[oc[:, 0], :, oc[:, 1], oc[:, 2], oc[:, 3]]
+    torch.testing.assert_close(out.F, ref)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out.F, (feats, weight), g)
+    want = torch.autograd.grad(ref, (feats, weight), g)
+    torch.testing.assert_close(got, want)
+
+
+def test_an_isolated_site_reads_only_itself() -> None:
+    coords = torch.tensor([[0, 0, 0, 0], [0, 5, 5, 5], [0, 5, 5, 6], [1, 0, 0, 1]], dtype=torch.int32)
+    table = SiteSet(coords).neighbours(kernel_offsets(3)).table
+    centre = kernel_offsets(3).index((0, 0, 0))
+    assert table[0].tolist() == [4] * centre + [0] + [4] * (26 - centre)  # 4 = no site
+    assert (table[3] < 4).sum() == 1  # scan 1's site does not see scan 0's neighbour at (0, 0, 0)
+    assert int(table[1, kernel_offsets(3).index((0, 0, 1))]) == 2
+
+
+def test_lookup_volume_and_sorted_search_give_the_same_maps(monkeypatch: pytest.MonkeyPatch) -> None:
+    coords = random_sites(np.random.default_rng(3), 2, 0.3)
+    lookup = SiteSet(coords)
+    tables = [lookup.neighbours(kernel_offsets(3)).table, lookup.neighbours(kernel_offsets(3, True)).table]
+    down = lookup.downsampled()
+    monkeypatch.setattr(sitemaps, "MAX_LOOKUP_CELLS", 0)
+    search = SiteSet(coords)
+    assert torch.equal(tables[0], search.neighbours(kernel_offsets(3)).table)
+    assert torch.equal(tables[1], search.neighbours(kernel_offsets(3, True)).table)
+    assert torch.equal(down[0].coords, search.downsampled()[0].coords)
+    assert torch.equal(down[1].table, search.downsampled()[1].table)
+
+
+def random_sv(rng: np.random.Generator, shape: tuple[int, int, int], occupancy: float) -> SparseVolume:
+    coords = np.ascontiguousarray(np.argwhere(rng.random(shape) < occupancy), dtype=np.int32)
+    feats = rng.standard_normal((len(coords), 3)).astype(np.float32)
+    return SparseVolume(coords, feats, shape, np.eye(4), {"features": "hu"}, {}, "random")
+
+
+@pytest.mark.parametrize("kernel", ["cube", "cross"])
+def test_network_on_the_cpu_path_equals_the_minkowski_network(kernel: str) -> None:
+    rng = np.random.default_rng(0)
+    svs = [
+        random_sv(rng, (14, 12, 10), 0.3),
+        random_sv(rng, (9, 16, 11), 0.2),
+        random_sv(rng, (12, 8, 9), 0.05),
+    ]
+    cfg = ModelConfig(kernel=kernel, widths=[4, 8, 8], depths=[1, 1, 1], dropout=0.0, input_pooling=True)  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    model = create_model(cfg, 3, 2)
+    cpu = torch.device("cpu")
+    for train in (False, True):
+        model.train(train)
+        results = []
+        for backend in ("sparse", "minkowski"):
+            inputs = collate(svs, None, ModelConfig(**{**vars(cfg), "backend": backend}), cpu).inputs
+            model.zero_grad()
+            logits = model(inputs)
+            logits.sum().backward()
+            results.append(
+                (type(inputs).__name__, logits.detach(), [p.grad.clone() for p in model.parameters()])
+            )
+        (kind_a, out_a, grads_a), (kind_b, out_b, grads_b) = results
+        assert (kind_a, kind_b) == ("SiteTensor", "SparseTensor")
+        torch.testing.assert_close(out_a, out_b, rtol=1e-4, atol=1e-4)
+        for ga, gb in zip(grads_a, grads_b, strict=True):
+            torch.testing.assert_close(ga, gb, rtol=1e-3, atol=1e-3 * float(gb.abs().max()) + 1e-6)
+
+
+def test_a_checkpoint_of_the_cpu_path_loads_into_minkowskiengine_and_back(tmp_path) -> None:
+    from ctsparse.config import Config
+    from ctsparse.models.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
+
+    rng = np.random.default_rng(4)
+    svs = [random_sv(rng, (10, 9, 8), 0.3), random_sv(rng, (8, 8, 12), 0.2)]
+    cpu = torch.device("cpu")
+    for writer, reader in (("sparse", "minkowski"), ("minkowski", "sparse")):
+        cfg = Config()
+        cfg.model = ModelConfig(backend=writer, kernel="cross", widths=[4, 8], depths=[1, 1])
+        torch.manual_seed(0)
+        model = create_model(cfg.model, 3, 2).eval()
+        path = tmp_path / f"{writer}.pt"
+        save_checkpoint(path, model, cfg, ["a", "b"], 3)
+        written = load_checkpoint(path)
+        assert written.config.model.backend == writer
+        assert written.implementation == (
+            "ctsparse CPU kernels (torch)" if writer == "sparse" else "MinkowskiEngine 0.5.4 (cpu)"
+        )
+        other, ckpt = build_from_checkpoint(path, backend=reader)
+        assert ckpt.config.model.backend == reader
+        with torch.no_grad():
+            want = model(collate(svs, None, cfg.model, cpu).inputs)
+            got = other.eval()(collate(svs, None, ckpt.config.model, cpu).inputs)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(Exception, match="weights do not fit"):
+        build_from_checkpoint(tmp_path / "sparse.pt", backend="dense")
