@@ -77,6 +77,8 @@ def run_explain(
             f"{r['peak_rss_mb']:.0f}",
         )
     console.print(table)
+    for note in sorted({r["note"] for r in rows if r.get("note")}):
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
     n_ok = sum(not r.get("error") for r in rows)
     console.print(f"{n_ok} explained, {len(rows) - n_ok} failed; files in {out}", highlight=False)
     return rows
@@ -98,10 +100,11 @@ def explain(
 ) -> None:
     """Saliency maps: which part of each scan the model's answer rests on.
 
-    Per scan, in OUT: NAME_METHOD.nii.gz (the map on the scan's own grid, aligned with it in a
-    viewer; 0..1), NAME_METHOD_sites.npz (the map on the sites the network saw), NAME_METHOD.png
-    (three slices through the peak) and NAME_METHOD.json (peak in voxels and mm, class, time,
-    memory).
+    Per scan, in OUT:
+    NAME_METHOD.nii.gz: the map on the scan's own grid (0..1), aligned with it in a viewer;
+    NAME_METHOD_sites.npz: the map on the sites the network saw;
+    NAME_METHOD.png: axial, coronal and sagittal slices through the peak;
+    NAME_METHOD.json: the peak in voxels and mm (RAS+), the class, time and peak memory.
     """
     from ctsparse.device import configure_threads
 

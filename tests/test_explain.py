@@ -132,7 +132,12 @@ def test_nifti_map_has_the_input_affine_and_shape_in_any_orientation(
         assert _in_cube(report["peak"]["mm_ras"])
         maps[name] = np.asarray(nib.as_closest_canonical(written).dataobj)
     np.testing.assert_array_equal(maps["ras"], maps["lps"])  # the same map on the same anatomy
-    assert (out / "ras_gradcam.png").stat().st_size > 10_000
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(out / "ras_gradcam.png").convert("RGB")).astype(int)
+    assert rgb.shape[1] > 2 * rgb.shape[0]  # three views side by side
+    assert ((rgb[..., 0] - rgb[..., 2]) > 60).any()  # the saliency colour over the grey CT
+    assert (np.abs(rgb - [0, 255, 255]).sum(axis=2) == 0).sum() >= 3 * 12  # a cyan cross per view
     sites = np.load(out / "ras_gradcam_sites.npz")
     assert sites["coords"].shape == (sites["values"].size, 3) and sites["values"].max() == 1.0
 
@@ -208,3 +213,20 @@ def test_predict_explain_writes_the_same_files(checkpoint: Path, tmp_path: Path)
     report = json.loads((out / "a_gradcam.json").read_text())
     assert report["predicted"] == "cube" and _in_cube(report["peak"]["mm_ras"])
     assert {p.name for p in out.iterdir()} >= {"a_gradcam.nii.gz", "a_gradcam_sites.npz", "a_gradcam.png"}
+
+
+def test_gradcam_says_when_the_model_bypasses_its_stages(tmp_path: Path) -> None:
+    """Input pooling hands pooled input channels to the head beside the last stage: Grad-CAM's
+    explanation says it cannot see that path; input x gradient, which can, does not."""
+    from ctsparse.config import load_config
+    from ctsparse.explain import explain_volume
+    from ctsparse.models import create_model
+    from ctsparse.models.checkpoint import build_from_checkpoint, save_checkpoint
+
+    sets = ["preprocess.features=hu", "model.widths=[4, 4]", "model.depths=[1, 1]", "model.backend=dense"]
+    cfg = load_config(None, [*sets, "model.input_pooling=true"])
+    save_checkpoint(tmp_path / "p.pt", create_model(cfg.model, 1, 2), cfg, CLASSES, 1)
+    model, ckpt = build_from_checkpoint(tmp_path / "p.pt")
+    grad_cam = explain_volume(model.eval(), _scan(), ckpt, method="gradcam")
+    assert "model.input_pooling" in grad_cam.info["note"]
+    assert "note" not in explain_volume(model.eval(), _scan(), ckpt, method="inputxgrad").info

@@ -28,6 +28,13 @@ if TYPE_CHECKING:
     from ctsparse.models.checkpoint import LoadedCheckpoint
 
 F32 = npt.NDArray[np.float32]
+# Grad-CAM sees only what passes through the last stage; input pooling hands the pooled input
+# channels (the blob channel's maximum, say) to the head beside it, and on the planner's phantom
+# models most of the logit takes that path (docs/benchmarks.md, "Explanations").
+GRADCAM_SKIP_NOTE = (
+    "the model pools its input channels straight into its head (model.input_pooling), a path "
+    "Grad-CAM on the last stage does not see: inputxgrad and occlusion see the whole network"
+)
 F64 = npt.NDArray[np.float64]
 
 
@@ -128,6 +135,8 @@ def explain_volume(
         "score": f"logit of {ckpt.classes[k]!r}",
         "time_saliency_s": round(t2 - t1, 6),
     }
+    if method == "gradcam" and cfg.model.input_pooling:
+        info["note"] = GRADCAM_SKIP_NOTE
     return Explanation(
         method=method,
         target=ckpt.classes[k],

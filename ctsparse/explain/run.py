@@ -141,6 +141,7 @@ def explain_one(
         "files": {k: str(v) for k, v in files.items()},
         "time_total_s": t4 - t0,
         "peak_rss_mb": figures["peak_rss_mb"],
+        "note": expl.info.get("note", ""),
     }
 
 
