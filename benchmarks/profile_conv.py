@@ -1,12 +1,13 @@
-"""Where a MinkowskiEngine CPU convolution spends its time, layer by layer, beside the dense twin.
+"""Where a sparse CPU convolution spends its time, layer by layer: MinkowskiEngine, ctsparse's
+own kernels and the dense twin.
 
     python benchmarks/profile_conv.py [--spacings 2,1.4] [--runs 5] [--threads 1] [--json OUT]
 
 For the benchmark's default phantom (`ctsparse benchmark`'s resolution sweep: the same patient
 rendered at each spacing, configs/phantom.yaml preprocessing at the bone threshold of 200 HU) this
-runs the sparse model and its dense twin once, captures the input of the first 3x3x3 convolution of
-every stage, and then times that one layer in isolation, all in one process, interleaved, medians
-of --runs:
+runs the sparse model (on MinkowskiEngine) and its dense twin once, captures the input of the first
+3x3x3 convolution of every stage, and then times that one layer in isolation, all in one process,
+interleaved, medians of --runs:
 
 - ME kernel map: building the layer's kernel map on a fresh coordinate manager (what every new
   scan pays; the model builds one per stage and reuses it in the stage's other convolutions);
@@ -19,6 +20,9 @@ of --runs:
   does, here in torch): what a better CPU kernel could gain on the same kernel map;
 - grid lookup map: the same kernel map computed with a dense int32 lookup grid in torch (vectorised,
   no hashing), checked equal as a set of pairs to ME's map;
+- ctsparse map / ctsparse conv: what engine `sparse` runs on the CPU (models/siteconv.py) on the
+  same layer and weights: its kernel map (a lookup grid, in ctsparse/models/sitemaps.py) and its
+  convolution with the map built; checked equal to ME's output;
 - dense conv: the dense twin's Conv3d on the same stage's grid (zero-filled), and the ideal
   sparse time occupancy x dense. For the cross kernel the twin runs a 3x3x3 Conv3d with the
   weights outside the cross masked; the same convolution as three 1-D convolutions (9 taps
@@ -47,7 +51,9 @@ from ctsparse.device import limit_blas_threads, set_threads
 from ctsparse.models import create_model
 from ctsparse.models.dense import collate_dense, stride_multiple
 from ctsparse.models.minkowski import CROSS_OFFSETS
-from ctsparse.models.sparse import collate_sparse
+from ctsparse.models.siteconv import SiteTensor, site_conv
+from ctsparse.models.sitemaps import SiteSet
+from ctsparse.models.sparse import collate_minkowski
 
 BONE_HU = 200.0
 
@@ -166,13 +172,25 @@ def profile_layer(sm: Any, sx: Any, dm: torch.nn.Conv3d, dx: torch.Tensor, runs:
     n_pairs = sum(int(v.shape[1]) for v in maps.values())
     assert sum(int(i.numel()) for i, _ in lut_maps) == n_pairs, "lookup-grid map differs from ME's"
 
+    # ctsparse's CPU kernels on the same layer: the same weights on a SiteSet of the same sites
+    # (coordinates in units of the stride), map built on first use; checked equal to ME's output
+    stage_coords = torch.cat([coords[:, :1], coords[:, 1:] // stride], 1).int()
+    cached_sites = SiteSet(stage_coords)
+    cross = kg.region_type == ME.RegionType.HYPER_CROSS
+
+    def ours(sites: SiteSet) -> torch.Tensor:
+        return site_conv(SiteTensor(feats, sites), sm.kernel, 3, 1, cross).F
+
     with torch.no_grad():
+        torch.testing.assert_close(ours(cached_sites), ref, rtol=1e-4, atol=1e-4)
         t_build = median_seconds(build_only, runs)
         t_first = median_seconds(first_conv, runs)
         t_me = median_seconds(lambda: sm(cached), runs)
         t_torch = median_seconds(lambda: torch_conv(feats, weight, maps, feats.shape[0]), runs)
         t_im2col = median_seconds(lambda: im2col_conv(feats, weight, table), runs)
         t_lut = median_seconds(lambda: grid_kernel_map(coords, stride, offs), runs)
+        t_ours_first = median_seconds(lambda: ours(SiteSet(stage_coords)), runs)
+        t_ours = median_seconds(lambda: ours(cached_sites), runs)
         t_dense = median_seconds(lambda: dm(dx), runs)
         t_factorised = (
             median_seconds(lambda: factorised_cross(dx, dm.weight), runs)
@@ -193,12 +211,15 @@ def profile_layer(sm: Any, sx: Any, dm: torch.nn.Conv3d, dx: torch.Tensor, runs:
         "torch_conv_on_me_map_s": t_torch,
         "torch_im2col_gemm_on_me_map_s": t_im2col,
         "grid_lookup_kernel_map_s": t_lut,
+        "ctsparse_kernel_map_s": max(0.0, t_ours_first - t_ours),
+        "ctsparse_conv_s": t_ours,
         "dense_conv_s": t_dense,
         "dense_cross_as_three_1d_convs_s": t_factorised,
         "ideal_s": occupancy * t_dense,
         # cost of one (input site, output site) pair of the sparse conv vs one weight tap of the
         # dense conv at one voxel (27 taps: the cross twin is a masked 3x3x3 conv)
         "me_conv_ns_per_pair": 1e9 * t_me / n_pairs,
+        "ctsparse_conv_ns_per_pair": 1e9 * t_ours / n_pairs,
         "dense_conv_ns_per_tap": 1e9 * t_dense / (27 * float(np.prod(dx.shape[2:]))),
     }
 
@@ -251,7 +272,7 @@ def main() -> None:
             dmodel = create_model(replace(mcfg, backend="dense"), sv.n_channels, 2).eval()
             multiple = stride_multiple(mcfg)
             dev = torch.device("cpu")
-            sconvs = first_stage_convs(smodel, collate_sparse([sv], dev), ME.MinkowskiConvolution)
+            sconvs = first_stage_convs(smodel, collate_minkowski([sv], dev), ME.MinkowskiConvolution)
             dconvs = first_stage_convs(dmodel, collate_dense([sv], dev, multiple), torch.nn.Conv3d)
             for (sm, sx), (dm, dx) in zip(sconvs, dconvs, strict=True):
                 row = {"spacing_mm": s, **profile_layer(sm, sx, dm, dx, args.runs)}
@@ -263,7 +284,9 @@ def main() -> None:
                     f"ME conv {1e3 * row['me_conv_cached_s']:.1f} ms, "
                     f"torch on ME map {1e3 * row['torch_conv_on_me_map_s']:.1f} ms, "
                     f"im2col GEMM {1e3 * row['torch_im2col_gemm_on_me_map_s']:.1f} ms, "
-                    f"grid map {1e3 * row['grid_lookup_kernel_map_s']:.1f} ms | dense "
+                    f"grid map {1e3 * row['grid_lookup_kernel_map_s']:.1f} ms | ctsparse map "
+                    f"{1e3 * row['ctsparse_kernel_map_s']:.1f} ms, "
+                    f"conv {1e3 * row['ctsparse_conv_s']:.1f} ms | dense "
                     f"{1e3 * row['dense_conv_s']:.1f} ms, ideal {1e3 * row['ideal_s']:.1f} ms"
                     + (
                         f", as 3 1-D convs {1e3 * row['dense_cross_as_three_1d_convs_s']:.1f} ms"

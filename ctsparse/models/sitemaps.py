@@ -227,23 +227,25 @@ def _neighbour_table(coords: torch.Tensor, offsets: Offsets) -> torch.Tensor:
 
 
 def _downsample(coords: torch.Tensor, stride: int) -> tuple[SiteSet, KernelMap]:
-    c = coords.long()
-    parent = torch.cat([c[:, :1], c[:, 1:].div(2, rounding_mode="floor")], 1)
-    child = c[:, 1:] - 2 * parent[:, 1:]  # 0 or 1 along each axis
-    k = child[:, 0] + 2 * child[:, 1] + 4 * child[:, 2]
+    # an arithmetic shift is a floor division, and & 1 the child's side, for negative
+    # coordinates too (ME floors them the same way)
+    c = coords.int()
+    parent = torch.cat([c[:, :1], c[:, 1:] >> 1], 1)
+    side = c[:, 1:] & 1
+    k = side[:, 0] + 2 * side[:, 1] + 4 * side[:, 2]
     box = _Box(parent, 0)
     keys = box.key(parent)
     if box.lookup_ok(len(keys)):
         occupied = torch.zeros(box.cells, dtype=torch.bool)
         occupied[keys.long()] = True
         unique = occupied.nonzero().squeeze(1)
-        lut = torch.empty(box.cells, dtype=torch.int64)
-        lut[unique] = torch.arange(len(unique))
-        inverse = lut.index_select(0, keys)
+        lut = torch.empty(box.cells, dtype=torch.int32)
+        lut[unique] = torch.arange(len(unique), dtype=torch.int32)
+        inverse = lut.index_select(0, keys).long()
         unique = unique.to(keys.dtype)
     else:
         unique, inverse = torch.unique(keys, return_inverse=True)
     n = coords.shape[0]
     table = torch.full((len(unique), 8), n, dtype=torch.int32)
-    table[inverse, k] = torch.arange(n, dtype=torch.int32)
+    table.view(-1).index_copy_(0, inverse * 8 + k, torch.arange(n, dtype=torch.int32))
     return SiteSet(box.decode(unique), stride * 2), KernelMap(table, n)
