@@ -139,7 +139,7 @@ class KernelMap:
         """The fraction of (output, offset) slots that hold an input site."""
         if self._density is None:
             slots = max(self.table.numel(), 1)
-            self._density = float((self.table < self.n_in).sum()) / slots
+            self._density = int(torch.count_nonzero(self.table < self.n_in)) / slots
         return self._density
 
     def pairs(self) -> Pairs:
