@@ -36,7 +36,7 @@ def _dicom_dataset_with_phi(root: Path) -> Path:
 
     generate_phantoms(root, 6, seed=5, fmt="dicom", shape=(24, 24, 8), spacing=(14.6, 14.6, 40.0))
     for path in root.rglob("*"):
-        if path.is_file() and path.name != "labels.csv":
+        if path.is_file() and path.suffix != ".csv":  # labels.csv, findings.csv
             ds = pydicom.dcmread(path)
             for key, value in PHI.items():
                 setattr(ds, key, value)
