@@ -8,8 +8,8 @@ so a saturated probability does not flatten the map).
 
 - gradcam: the last stage's activations A (one row per cell) weighted by the mean gradient of
   the score over the cells, summed over channels, ReLU; each input site takes the value of the
-  cell that covers it through the strides. The trunk runs without gradient, so it costs one
-  forward pass plus the head's backward.
+  cell that covers it through the strides. One forward and one backward pass, which also give
+  the input's gradient that places the peak inside the top cell.
 - inputxgrad: the input features times the gradient of the score with respect to them, summed
   over channels, positive part: full resolution, one forward and one full backward pass.
 - occlusion: gradient-free. Blocks of sites are removed (a removed site is what the network sees
@@ -88,10 +88,13 @@ def gradcam(model: torch.nn.Module, engine: Engine, x: Any, sv: SparseVolume, ch
     import torch
 
     assert engine.explain is not None
+    # one forward pass with gradient from the input and one backward pass give both the last
+    # stage's gradient (Grad-CAM) and the input's (to place the peak inside the top cell)
+    leaf, gather = engine.explain.input_sites(x, sv)
     stage = engine.explain.last_stage(model, x, sv)
     logits = stage.head(stage.feats)
     target = choose(_numpy(logits))
-    (grad,) = torch.autograd.grad(logits[0, target], stage.feats)
+    grad, grad_in = torch.autograd.grad(logits[0, target], [stage.feats, leaf])
     weights = grad.mean(dim=0)  # one weight per channel: the gradient averaged over the cells
     cam = torch.relu(stage.feats.detach() @ weights)
     cell_of_site = stage.cell_of_site.cpu().numpy()
@@ -100,10 +103,8 @@ def gradcam(model: torch.nn.Module, engine: Engine, x: Any, sv: SparseVolume, ch
     # with the most input x gradient (Guided Grad-CAM's fusion, with input x gradient standing
     # in for guided backpropagation)
     in_top = np.flatnonzero(cell_of_site == cell_of_site[int(np.argmax(values))])
-    peak = int(in_top[0])
-    if in_top.size > 1:
-        fine = input_x_gradient(model, engine, x, sv, lambda _: target)
-        peak = int(in_top[np.argmax(fine.values[in_top])])
+    fine = torch.relu((gather(grad_in) * gather(leaf.detach())).sum(dim=1)).float().cpu().numpy()
+    peak = int(in_top[np.argmax(fine[in_top])])
     info = {
         "cells": int(stage.feats.shape[0]),
         "channels": int(stage.feats.shape[1]),

@@ -148,11 +148,12 @@ def build_dense(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Modu
 
 def _last_stage(module: nn.Module, x: torch.Tensor, sv: SparseVolume) -> LastStage:
     model = cast(DenseResNet, module)
-    with torch.no_grad():  # Grad-CAM differentiates only what follows the last stage
-        y = model.stages(model.stem(x))
+    y = model.stages(model.stem(x))  # in the caller's grad mode (engine.LastStage)
     channels, cells = y.shape[1], tuple(y.shape[2:])
     # every cell of the grid is a row, empty ones included: the twin pools over all of them
-    leaf = y[0].reshape(channels, -1).T.contiguous().requires_grad_(True)
+    leaf = y[0].reshape(channels, -1).T
+    if not leaf.requires_grad:
+        leaf = leaf.contiguous().requires_grad_(True)
     stride = x.shape[2] // cells[0]
     rows = np.ravel_multi_index(tuple((sv.coords // stride).T.astype(np.int64)), cells)
 

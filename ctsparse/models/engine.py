@@ -60,7 +60,8 @@ class LastStage:
     (pooling and head) can be differentiated on its own: what Grad-CAM needs.
 
     Attributes:
-        feats: (M, C) leaf tensor that requires grad, one row per cell of the last stage.
+        feats: (M, C) tensor that requires grad, one row per cell of the last stage: part of the
+            trunk's graph when the trunk ran with gradient (its input requiring grad), else a leaf.
         cell_of_site: (N,) long, for each input site (in the SparseVolume's order) the row of
             `feats` whose cell covers it, through all the strides.
         head: feats -> logits (1, classes): the network after the last stage.
@@ -76,8 +77,8 @@ class SiteHooks:
     """How explanation methods (ctsparse/explain) reach inside an engine's network.
 
     Attributes:
-        last_stage: (model, input of one scan, its SparseVolume) -> LastStage, the trunk run
-            without gradient.
+        last_stage: (model, input of one scan, its SparseVolume) -> LastStage, the trunk run in
+            the caller's grad mode (under torch.no_grad(), only the head is differentiable).
         input_sites: (input of one scan, its SparseVolume) -> (leaf, gather): `leaf`, set to
             require grad, is the tensor of input features the model reads; gather(t) turns a
             tensor shaped like it (its gradient) into (N, C) rows in site order.

@@ -226,9 +226,8 @@ def _rows_of(table: np.ndarray, query: np.ndarray) -> np.ndarray:
 
 def _last_stage(module: nn.Module, x: Sparse, sv: SparseVolume) -> LastStage:
     model = cast(SparseResNet, module)
-    with torch.no_grad():  # Grad-CAM differentiates only what follows the last stage
-        y = model.stages(model.stem(x))
-    leaf = y.F.detach().clone().requires_grad_(True)
+    y = model.stages(model.stem(x))  # in the caller's grad mode (engine.LastStage)
+    leaf = y.F if y.F.requires_grad else y.F.detach().requires_grad_(True)
     # ME keeps coordinates in input units: the cell covering a site is the site floored to the stride
     stride = np.asarray(y.tensor_stride, dtype=np.int64)
     covering = sv.coords.astype(np.int64) // stride * stride
