@@ -21,13 +21,14 @@ import numpy.typing as npt
 from ctsparse.fileio import atomic_write
 
 PANEL_PX = 340  # the longest side of the largest view, in pixels
-ALPHA = 0.45  # opacity of the saliency colour
+ALPHA = 0.7  # opacity of the saliency colour at the map's peak
 TITLE_PX = 44
-_HOT = np.array([[0, 0, 0], [120, 0, 90], [230, 60, 20], [255, 200, 40], [255, 255, 210]], dtype=np.float32)
+# purple -> red -> orange -> yellow: no white or grey end, which would vanish on bone or a nodule
+_HOT = np.array([[90, 0, 160], [200, 0, 80], [255, 80, 0], [255, 200, 0], [255, 255, 0]], dtype=np.float32)
 
 
 def _colours(values: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    """0..1 -> RGB along a black-purple-orange-yellow-white ramp (inferno-like)."""
+    """0..1 -> RGB along the purple-red-orange-yellow ramp."""
     x = np.clip(values, 0.0, 1.0) * (len(_HOT) - 1)
     i = np.minimum(x.astype(int), len(_HOT) - 2)
     f = (x - i)[..., None]
@@ -59,7 +60,8 @@ def _panel(
     rgb = np.repeat(grey[..., None], 3, axis=2)
     s = sal[np.ix_(cols, rows)].T.astype(np.float32) / 255.0
     on = s > 0
-    rgb[on] = (1 - ALPHA) * rgb[on] + ALPHA * _colours(s[on])
+    alpha = ALPHA * np.minimum(1.0, 0.4 + s[on])[:, None]  # faint where the map is low
+    rgb[on] = (1 - alpha) * rgb[on] + alpha * _colours(s[on])
     return rgb.astype(np.uint8)
 
 
@@ -99,10 +101,9 @@ def write_overlay_png(
         canvas.paste(Image.fromarray(panel), (x0, y0))
         px = x0 + ((shape[0] - 1 - a) + 0.5) * da / mm_per_px
         py = y0 + ((shape[1] - 1 - b) + 0.5) * db / mm_per_px
-        draw.line([(px - 9, py), (px - 3, py)], fill=(0, 255, 255), width=2)
-        draw.line([(px + 3, py), (px + 9, py)], fill=(0, 255, 255), width=2)
-        draw.line([(px, py - 9), (px, py - 3)], fill=(0, 255, 255), width=2)
-        draw.line([(px, py + 3), (px, py + 9)], fill=(0, 255, 255), width=2)
+        for dx, dy in ((-1, 0), (1, 0), (0, -1), (0, 1)):  # arms clear of the peak itself
+            start, end = (px + 7 * dx, py + 7 * dy), (px + 16 * dx, py + 16 * dy)
+            draw.line([start, end], fill=(0, 255, 255), width=2)
         for text, (tx, ty) in zip(
             lrtb, [(4, h / 2), (w - 12, h / 2), (w / 2, 2), (w / 2, h - 16)], strict=True
         ):
