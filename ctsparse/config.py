@@ -64,9 +64,11 @@ class PreprocessConfig:
 
 @dataclass
 class ModelConfig:
-    # sparse: MinkowskiEngine network on the kept sites. dense: the same topology with Conv3d on
-    # the densified, cropped grid; it exists so that every sparse claim has a dense baseline.
-    # Any engine of models/registry.py is accepted.
+    # sparse: the network on the kept sites, on ctsparse's own kernels on the CPU (faster than
+    # MinkowskiEngine 0.5.4's CPU backend, docs/benchmarks.md) and on MinkowskiEngine on CUDA.
+    # minkowski: the same network and weights on MinkowskiEngine everywhere. dense: the same
+    # topology with Conv3d on the densified, cropped grid; it exists so that every sparse claim
+    # has a dense baseline. Any engine of models/registry.py is accepted.
     backend: str = "sparse"
     widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     depths: list[int] = field(default_factory=lambda: [1, 1, 1, 1])

@@ -96,6 +96,9 @@ def test_lookup_volume_and_sorted_search_give_the_same_maps(monkeypatch: pytest.
     lookup = SiteSet(coords)
     tables = [lookup.neighbours(kernel_offsets(3)).table, lookup.neighbours(kernel_offsets(3, True)).table]
     down = lookup.downsampled()
+    # built once per coordinate set: every layer on it (and its backward pass) reuses the maps
+    assert lookup.neighbours(kernel_offsets(3)) is lookup.neighbours(kernel_offsets(3))
+    assert lookup.downsampled()[1] is down[1]
     monkeypatch.setattr(sitemaps, "MAX_LOOKUP_CELLS", 0)
     search = SiteSet(coords)
     assert torch.equal(tables[0], search.neighbours(kernel_offsets(3)).table)

@@ -20,14 +20,16 @@ from ctsparse.models.sitemaps import KernelMap, Offsets, SiteSet, kernel_offsets
 # Below this fraction of occupied (site, offset) slots a map runs as per-offset pairs (gather,
 # GEMM, scatter-add) rather than im2col, whose GEMM also multiplies the zero rows of absent
 # neighbours. The crossover rises with the channels, where the per-offset GEMMs run near full
-# speed: measured forward + backward on random sites (16x16) and on the phantom's stages
-# (32x32: 0.6, 64x64: 0.75, 128x128: above 0.8). A multiplier for tests that force one path.
+# speed: measured forward + backward on random sites (16x16: 0.17) and on the phantom's stages
+# (32x32: 0.6, 64x64: 0.75, 128x128: above 0.8), less on large maps, whose pair lists cost time
+# to build (64x64 on 197 k sites at 0.70: im2col 1.47 s, pairs 1.65 s plus 0.2 s to list them).
+# A multiplier for tests that force one path.
 PAIR_DENSITY = 1.0
 
 
 def _pairs_below(cin: int, cout: int) -> float:
     width = cin * cout
-    base = 0.18 if width <= 256 else 0.55 if width <= 1024 else 0.75 if width <= 4096 else 0.9
+    base = 0.18 if width <= 256 else 0.55 if width <= 1024 else 0.65 if width <= 4096 else 0.85
     return base * PAIR_DENSITY
 
 

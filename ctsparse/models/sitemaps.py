@@ -131,6 +131,7 @@ class KernelMap:
 
     table: torch.Tensor
     n_in: int
+    centre: int | None = None  # the offset through which every row reads itself (submanifold)
     _density: float | None = field(default=None, repr=False)
     _pairs: Pairs | None = field(default=None, repr=False)
 
@@ -144,7 +145,7 @@ class KernelMap:
 
     def pairs(self) -> Pairs:
         if self._pairs is None:
-            self._pairs = _pairs(self.table, self.n_in)
+            self._pairs = _pairs(self.table, self.n_in, self.centre)
         return self._pairs
 
 
@@ -160,26 +161,19 @@ class Pairs:
     identity: int | None
 
 
-def _pairs(table: torch.Tensor, n_in: int) -> Pairs:
+def _pairs(table: torch.Tensor, n_in: int, centre: int | None) -> Pairs:
     m, k = table.shape
-    identity = None
-    rows = torch.arange(m, dtype=table.dtype)
-    columns = list(range(k))
-    for c in columns:
-        if m == n_in and torch.equal(table[:, c], rows):
-            identity = c
-            break
-    kept = table.t()[[c for c in columns if c != identity]] if identity is not None else table.t()
-    keep = kept < n_in
-    offset, output = keep.nonzero(as_tuple=True)
-    inputs = kept[offset, output].long()
-    counts = torch.bincount(offset, minlength=kept.shape[0]).tolist()
-    if identity is not None:
-        counts.insert(identity, 0)
+    by_offset = table.t().contiguous()  # one nonzero over a flat mask: offset-major pairs
+    keep = by_offset < n_in
+    if centre is not None:
+        keep[centre] = False
+    flat = keep.view(-1).nonzero().squeeze(1)
+    inputs = by_offset.view(-1).index_select(0, flat).long()
+    counts = torch.bincount(flat.div(m, rounding_mode="floor"), minlength=k).tolist()
     starts = [0]
     for c in counts:
         starts.append(starts[-1] + c)
-    return Pairs(inputs, output, starts, identity)
+    return Pairs(inputs, flat.remainder(m), starts, centre)
 
 
 @dataclass(eq=False)
@@ -201,7 +195,8 @@ class SiteSet:
     def neighbours(self, offsets: Offsets) -> KernelMap:
         """The submanifold map: table (N, K), the row of the site at coords + offset k."""
         if offsets not in self._maps:
-            self._maps[offsets] = KernelMap(_neighbour_table(self.coords, offsets), len(self))
+            centre = offsets.index((0, 0, 0)) if (0, 0, 0) in offsets else None
+            self._maps[offsets] = KernelMap(_neighbour_table(self.coords, offsets), len(self), centre)
         return self._maps[offsets]
 
     def downsampled(self) -> tuple[SiteSet, KernelMap]:
