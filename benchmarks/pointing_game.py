@@ -40,6 +40,8 @@ import numpy as np
 
 CTSPARSE = [sys.executable, "-m", "ctsparse"]
 METHODS = ("gradcam", "inputxgrad", "occlusion")
+# Grad-CAM of the last stage's map alone (without the input-pooling map the head also reads)
+LAST_ONLY = "gradcam_last_stage"
 TRAIN_SEED, TEST_SEED = 21, 7021
 # name -> the --set overrides of its `ctsparse train` on top of the planned settings
 MODELS = {
@@ -127,7 +129,7 @@ def score_backend(checkpoint: Path, test: Path, methods: list[str], limit: int =
         labels = dict(list(labels.items())[:limit])
     with open(test / "findings.csv", newline="") as fh:
         findings = {r["path"]: r for r in csv.DictReader(fh)}
-    hits: dict[str, list[bool]] = {m: [] for m in methods}
+    hits: dict[str, list[bool]] = {m: [] for m in [*methods, LAST_ONLY]}
     random_share: list[float] = []
     seconds: dict[str, list[float]] = {m: [] for m in methods}
     correct, cases = 0, []
@@ -153,6 +155,9 @@ def score_backend(checkpoint: Path, test: Path, methods: list[str], limit: int =
             hit = inside_dilated(np.array(expl.peak_mm), centre, radius, spacing)
             hits[m].append(hit)
             case[m] = {"peak_mm": [round(v, 2) for v in expl.peak_mm], "hit": hit}
+        alone = inside_dilated(np.array(first.info["last_stage_peak_mm"]), centre, radius, spacing)
+        hits[LAST_ONLY].append(alone)
+        case[LAST_ONLY] = {"peak_mm": first.info["last_stage_peak_mm"], "hit": alone}
         case["last_stage_share"] = last_stage_share(model, ckpt, sv)
         mm = (sv.affine @ np.c_[sv.coords, np.ones(sv.n_sites)].T)[:3].T
         share = float(np.mean([inside_dilated(p, centre, radius, spacing) for p in mm]))
@@ -170,8 +175,8 @@ def score_backend(checkpoint: Path, test: Path, methods: list[str], limit: int =
         "test_accuracy": correct / len(labels),
         "nodule_cases": sum(v == "nodule" for v in labels.values()),
         "correct_nodule_cases": n,
-        "pointing": {m: (sum(hits[m]) / n if n else float("nan")) for m in methods},
-        "hits": {m: sum(hits[m]) for m in methods},
+        "pointing": {m: (sum(hits[m]) / n if n else float("nan")) for m in hits},
+        "hits": {m: sum(hits[m]) for m in hits},
         "random_peak": statistics.fmean(random_share) if random_share else float("nan"),
         "median_last_stage_share": statistics.median(c["last_stage_share"] for c in cases) if cases else None,
         "median_explain_s": {m: statistics.median(seconds[m]) for m in methods if seconds[m]},
@@ -184,14 +189,15 @@ def score_backend(checkpoint: Path, test: Path, methods: list[str], limit: int =
 def markdown(res: dict[str, Any]) -> str:
     lines = [
         "| model | test accuracy | correct nodule cases | Grad-CAM | input × gradient | occlusion "
-        "| random kept site | logit margin through the last stage (median) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Grad-CAM of the last stage alone | random kept site "
+        "| logit margin through the last stage (median) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["models"]:
         p, h, n = r["pointing"], r["hits"], r["correct_nodule_cases"]
         cells = [
             f"**{100 * p[m]:.1f} %** ({h[m]}/{n})" if m == "gradcam" else f"{100 * p[m]:.1f} % ({h[m]}/{n})"
-            for m in METHODS
+            for m in [*METHODS, LAST_ONLY]
         ]
         lines.append(
             f"| {r['model']} | {100 * r['test_accuracy']:.0f} % | {n} of {r['nodule_cases']} | "

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +55,18 @@ def stage(times: dict[str, float], name: str) -> Iterator[None]:
         yield
     finally:
         times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+
+
+def release_freed_memory() -> None:
+    """Hand blocks this process freed back to the system (glibc's malloc_trim), so that the RSS
+    rise of the next measured block is its own and not a reuse of what an earlier one left in the
+    heap. A no-op where glibc is not the allocator."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def peak_rss_bytes() -> int:

@@ -226,18 +226,28 @@ def test_predict_explain_writes_the_same_files(checkpoint: Path, tmp_path: Path)
     assert {p.name for p in out.iterdir()} >= {"a_gradcam.nii.gz", "a_gradcam_sites.npz", "a_gradcam.png"}
 
 
-def test_gradcam_says_when_the_model_bypasses_its_stages(tmp_path: Path) -> None:
-    """Input pooling hands pooled input channels to the head beside the last stage: Grad-CAM's
-    explanation says it cannot see that path; input x gradient, which can, does not."""
+@pytest.mark.parametrize("backend", ["sparse", "dense"])
+def test_gradcam_sees_the_input_pooling_path(tmp_path: Path, backend: str) -> None:
+    """Input pooling hands the mean and max of the input channels to the head beside the last
+    stage. With every weight zero but the head's on the max-pooled HU, the whole answer takes that
+    path: Grad-CAM's map is the input's, the last stage's share is zero, and the peak is the cube."""
+    import torch
+
     from ctsparse.config import load_config
     from ctsparse.explain import explain_volume
     from ctsparse.models import create_model
     from ctsparse.models.checkpoint import build_from_checkpoint, save_checkpoint
 
-    sets = ["preprocess.features=hu", "model.widths=[4, 4]", "model.depths=[1, 1]", "model.backend=dense"]
-    cfg = load_config(None, [*sets, "model.input_pooling=true"])
-    save_checkpoint(tmp_path / "p.pt", create_model(cfg.model, 1, 2), cfg, CLASSES, 1)
+    sets = ["preprocess.features=hu", "model.widths=[4, 4]", "model.depths=[1, 1]"]
+    cfg = load_config(None, [*sets, "model.input_pooling=true", f"model.backend={backend}"])
+    model = create_model(cfg.model, 1, 2)
+    with torch.no_grad():
+        for value in model.state_dict().values():
+            if value.dim() >= 2:
+                value.zero_()
+        model.head.weight[1, 2 * 4 + 1] = 1.0  # [avg 4, max 4, input mean 1, input max 1]
+    save_checkpoint(tmp_path / "p.pt", model, cfg, CLASSES, 1)
     model, ckpt = build_from_checkpoint(tmp_path / "p.pt")
-    grad_cam = explain_volume(model.eval(), _scan(), ckpt, method="gradcam")
-    assert "model.input_pooling" in grad_cam.info["note"]
-    assert "note" not in explain_volume(model.eval(), _scan(), ckpt, method="inputxgrad").info
+    expl = explain_volume(model.eval(), _scan(), ckpt, method="gradcam", target="cube")
+    assert expl.info["maps"]["last_stage"] == 0.0 and expl.info["maps"]["input_pooling"] > 0
+    assert _in_cube(list(expl.peak_mm))

@@ -31,10 +31,6 @@ F32 = npt.NDArray[np.float32]
 # Grad-CAM sees only what passes through the last stage; input pooling hands the pooled input
 # channels (the blob channel's maximum, say) to the head beside it, and on the planner's phantom
 # models most of the logit takes that path (docs/benchmarks.md, "Explanations").
-GRADCAM_SKIP_NOTE = (
-    "the model pools its input channels straight into its head (model.input_pooling), a path "
-    "Grad-CAM on the last stage does not see: inputxgrad and occlusion see the whole network"
-)
 F64 = npt.NDArray[np.float64]
 
 
@@ -128,15 +124,15 @@ def explain_volume(
     values = (result.values / raw_max if raw_max > 0 else np.zeros_like(result.values)).astype(np.float32)
     peak = result.peak
     peak_site = tuple(int(v) for v in sv.coords[peak])
-    peak_mm = (sv.affine @ np.array([*peak_site, 1.0]))[:3]
+    peak_mm = site_mm(sv, peak)
     voxel = nearest_voxel(volume.affine, peak_mm, volume.shape)
     info = {
         **result.info,
         "score": f"logit of {ckpt.classes[k]!r}",
         "time_saliency_s": round(t2 - t1, 6),
     }
-    if method == "gradcam" and cfg.model.input_pooling:
-        info["note"] = GRADCAM_SKIP_NOTE
+    if "last_stage_peak" in info:  # where Grad-CAM of the last stage alone would point
+        info["last_stage_peak_mm"] = [round(float(v), 3) for v in site_mm(sv, info["last_stage_peak"])]
     return Explanation(
         method=method,
         target=ckpt.classes[k],
@@ -152,6 +148,11 @@ def explain_volume(
         peak_voxel=(int(voxel[0]), int(voxel[1]), int(voxel[2])),
         info=info,
     )
+
+
+def site_mm(sv: SparseVolume, site: int) -> F64:
+    """The centre of site `site` of `sv`, RAS+ mm."""
+    return (sv.affine @ np.array([*sv.coords[site], 1.0]))[:3]  # type: ignore[no-any-return]
 
 
 def nearest_voxel(affine: F64, mm: Any, shape: Any) -> tuple[int, int, int]:

@@ -6,10 +6,14 @@ e.g. the predicted one), so the pass that computes them also explains them. The 
 differentiated or compared is that class's logit, as in the Grad-CAM paper (before the softmax,
 so a saturated probability does not flatten the map).
 
-- gradcam: the last stage's activations A (one row per cell) weighted by the mean gradient of
-  the score over the cells, summed over channels, ReLU; each input site takes the value of the
-  cell that covers it through the strides. One forward and one backward pass, which also give
-  the input's gradient that places the peak inside the top cell.
+- gradcam: Grad-CAM of every feature map the head pools. The last stage's activations A (one row
+  per cell) weighted by the mean gradient of the score over the cells, summed over channels,
+  ReLU; each input site takes the value of the cell that covers it through the strides. A network
+  with input pooling also hands the head the mean and max of its input channels, a second map at
+  full resolution whose evidence never passes the last stage: its map is taken on the sites, each
+  site weighted by its own gradient (see _site_cam), and the two maps are added, each scaled to
+  its first-order contribution to the score. One forward and one backward pass, which also give
+  the input's gradient that breaks ties between the sites of one cell.
 - inputxgrad: the input features times the gradient of the score with respect to them, summed
   over channels, positive part: full resolution, one forward and one full backward pass.
 - occlusion: gradient-free. Blocks of sites are removed (a removed site is what the network sees
@@ -88,29 +92,64 @@ def gradcam(model: torch.nn.Module, engine: Engine, x: Any, sv: SparseVolume, ch
     import torch
 
     assert engine.explain is not None
-    # one forward pass with gradient from the input and one backward pass give both the last
-    # stage's gradient (Grad-CAM) and the input's (to place the peak inside the top cell)
+    # one forward pass with gradient from the input and one backward pass give both the maps'
+    # gradients (Grad-CAM) and the input's (to place the peak inside the top cell)
     leaf, gather = engine.explain.input_sites(x, sv)
     stage = engine.explain.last_stage(model, x, sv)
     logits = stage.head(stage.feats)
     target = choose(_numpy(logits))
-    grad, grad_in = torch.autograd.grad(logits[0, target], [stage.feats, leaf])
-    weights = grad.mean(dim=0)  # one weight per channel: the gradient averaged over the cells
-    cam = torch.relu(stage.feats.detach() @ weights)
-    cell_of_site = stage.cell_of_site.cpu().numpy()
-    values = cam[stage.cell_of_site].float().cpu().numpy()
-    # every site of a cell has the cell's value: the peak site inside the top cell is the one
-    # with the most input x gradient (Guided Grad-CAM's fusion, with input x gradient standing
-    # in for guided backpropagation)
-    in_top = np.flatnonzero(cell_of_site == cell_of_site[int(np.argmax(values))])
-    fine = torch.relu((gather(grad_in) * gather(leaf.detach())).sum(dim=1)).float().cpu().numpy()
-    peak = int(in_top[np.argmax(fine[in_top])])
+    wrt = [stage.feats, leaf] + ([stage.pooled] if stage.pooled is not None else [])
+    grads = torch.autograd.grad(logits[0, target], wrt)
+    last, contribution = _cam(stage.feats, grads[0])
+    sources = {"last_stage": (last[stage.cell_of_site].float().cpu().numpy(), float(contribution))}
+    if stage.pooled is not None:
+        pooled, pooled_contribution = _site_cam(stage.pooled, grads[2])
+        sources["input_pooling"] = (pooled.float().cpu().numpy(), float(pooled_contribution))
+    values = _combine(list(sources.values()))
+    fine = torch.relu((gather(grads[1]) * gather(leaf.detach())).sum(dim=1)).float().cpu().numpy()
     info = {
         "cells": int(stage.feats.shape[0]),
         "channels": int(stage.feats.shape[1]),
-        "peak_rule": "the cell of highest Grad-CAM, then its site of highest input x gradient",
+        "maps": {name: round(c, 6) for name, (_, c) in sources.items()},
+        "last_stage_peak": _peak(sources["last_stage"][0], fine),
+        "peak_rule": "the site of highest Grad-CAM; among equal ones (the sites of one cell), the one "
+        "of highest input x gradient",
     }
-    return SiteMap(values, target, _numpy(logits), peak, info)
+    return SiteMap(values, target, _numpy(logits), _peak(values, fine), info)
+
+
+def _cam(feats: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grad-CAM of one feature map (rows, channels): the rows' activations weighted by the mean
+    gradient over the rows, summed over channels, ReLU; and the map's first-order contribution
+    to the score (the same weighted sum before the ReLU, over all rows)."""
+    weighted = feats.detach() @ grad.mean(dim=0)
+    return weighted.clamp_min(0), weighted.sum()
+
+
+def _site_cam(feats: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same for the input map, with each site's own gradient instead of the mean over the
+    sites (HiResCAM's weighting): its pooling is a mean and a max straight into the linear head,
+    so activation times gradient is each site's exact share of the score, all of a max's on the
+    site it came from, where a mean over the sites would spread it over the whole scan."""
+    weighted = (feats.detach() * grad).sum(dim=1)
+    return weighted.clamp_min(0), weighted.sum()
+
+
+def _combine(sources: list[tuple[F32, float]]) -> F32:
+    """One map on the sites from the Grad-CAMs of every feature map the head pools (the last
+    stage and, with input pooling, the input): each scaled so that its sum over the sites is its
+    positive contribution to the score, so each carries the share of the answer it gave."""
+    out = np.zeros_like(sources[0][0])
+    for cam, contribution in sources:
+        if contribution > 0 and float(cam.sum()) > 0:
+            out += cam * np.float32(contribution / float(cam.sum()))
+    return out if out.any() else sources[0][0]  # no positive evidence: the last stage's map as it is
+
+
+def _peak(values: F32, tie_break: F32) -> int:
+    """The site of highest value; among (near-)equal ones, the one of highest `tie_break`."""
+    top = np.flatnonzero(values >= values.max() * (1 - 1e-6))
+    return int(top[np.argmax(tie_break[top])])
 
 
 def input_x_gradient(

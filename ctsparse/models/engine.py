@@ -65,11 +65,16 @@ class LastStage:
         cell_of_site: (N,) long, for each input site (in the SparseVolume's order) the row of
             `feats` whose cell covers it, through all the strides.
         head: feats -> logits (1, classes): the network after the last stage.
+        pooled: for a network that also pools its input features (model.input_pooling), the (N, C)
+            leaf, in site order, that the head's input pooling reads: the second feature map the
+            head sees besides the last stage (its gradient flows through the pooling alone). None
+            without input pooling.
     """
 
     feats: torch.Tensor
     cell_of_site: torch.Tensor
     head: Callable[[torch.Tensor], torch.Tensor]
+    pooled: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

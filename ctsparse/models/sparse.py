@@ -232,20 +232,38 @@ def _last_stage(module: nn.Module, x: Sparse, sv: SparseVolume) -> LastStage:
     stride = np.asarray(y.tensor_stride, dtype=np.int64)
     covering = sv.coords.astype(np.int64) // stride * stride
     rows = _rows_of(y.C[:, 1:].cpu().numpy().astype(np.int64), covering)
+    pooled, x_pooled = None, x
+    if model.input_norm is not None:
+        # the input pooling reads a leaf of its own, in site order, so that its gradient is the
+        # pooling's alone (the trunk's path reaches the input through x)
+        site_row = _site_rows(x, sv).to(x.F.device)
+        pooled = x.F.detach()[site_row].requires_grad_(True)
+        row_site = torch.empty_like(site_row)
+        row_site[site_row] = torch.arange(len(site_row), device=site_row.device)
+        x_pooled = _with_features(x, pooled[row_site])
 
     def head(feats: torch.Tensor) -> torch.Tensor:
-        if isinstance(y, SiteTensor):
-            return model.forward_head(model.pool(y.replace(feats), x))
-        out = ME.SparseTensor(
-            feats, coordinate_map_key=y.coordinate_map_key, coordinate_manager=y.coordinate_manager
-        )
-        return model.forward_head(model.pool(out, x))
+        return model.forward_head(model.pool(_with_features(y, feats), x_pooled))
 
-    return LastStage(leaf, torch.from_numpy(rows).to(leaf.device), head)
+    return LastStage(leaf, torch.from_numpy(rows).to(leaf.device), head, pooled)
+
+
+def _with_features(x: Sparse, feats: torch.Tensor) -> Sparse:
+    """`x` with other features, rows in x's order (same coordinates, same kernel maps)."""
+    if isinstance(x, SiteTensor):
+        return x.replace(feats)
+    return ME.SparseTensor(
+        feats, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager
+    )
+
+
+def _site_rows(x: Sparse, sv: SparseVolume) -> torch.Tensor:
+    """For each site of `sv` (its order) the row of the input `x` that holds it."""
+    return torch.from_numpy(_rows_of(x.C[:, 1:].cpu().numpy().astype(np.int64), sv.coords.astype(np.int64)))
 
 
 def _input_sites(x: Sparse, sv: SparseVolume) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-    rows = torch.from_numpy(_rows_of(x.C[:, 1:].cpu().numpy().astype(np.int64), sv.coords.astype(np.int64)))
+    rows = _site_rows(x, sv)
     leaf = x.F.requires_grad_(True)
     return leaf, lambda t: t[rows.to(t.device)]
 

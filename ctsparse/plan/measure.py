@@ -163,7 +163,7 @@ def _measure_step(
     import torch
 
     from ctsparse.collate import collate
-    from ctsparse.meters import peak_memory
+    from ctsparse.meters import peak_memory, release_freed_memory
     from ctsparse.models import create_model
 
     torch.manual_seed(0)
@@ -191,6 +191,7 @@ def _measure_step(
         step()
         peak, method = torch.cuda.max_memory_allocated(dev) - before, "cuda max_memory_allocated"
     else:
+        release_freed_memory()  # else the second candidate reuses the first one's freed heap
         with peak_memory() as mem:
             step()
         peak, method = mem.delta_bytes, f"RSS ({mem.method})"
