@@ -4,6 +4,8 @@
         [--tasks conv16,conv64,forward,train] [--engines spconv,minkowski,ctsparse,dense]
         [--kernel cube|cross] [--grid 128,128,100] [--channels 8] [--json benchmarks/results/spconv.json]
 
+(--json also writes the Markdown table of docs/benchmarks.md beside it, as .md.)
+
 Inputs are CT-like: the benchmark phantom rendered on a 128x128x100 grid (2.73 x 2.73 x 3.2 mm,
 what a 256x256x200 scan becomes in 2^3 patches), keeping the voxels above the HU quantile that
 leaves the wanted occupancy (bone first, then soft tissue), with 8 random input channels.
@@ -359,6 +361,37 @@ def main() -> None:
                                 indent=1,
                             )
                         )
+                        args.json.with_suffix(".md").write_text(markdown(rows))
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The table of docs/benchmarks.md: per occupancy and task, each engine's median time (and
+    peak rise), ctsparse against spconv and ME, and against the ideal."""
+    lines = [
+        "| occupancy | sites | task | spconv 2.3.8 | ME 0.5.4 | ctsparse | dense twin | ctsparse vs spconv "
+        "| ctsparse vs ME | ctsparse / ideal | memory: spconv / ME / ctsparse |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def ms(r: dict[str, Any]) -> str:
+        return f"{1e3 * r['median_s']:.0f} ms" if "median_s" in r else "error"
+
+    def mb(r: dict[str, Any]) -> str:
+        return f"{r['peak_rise_mb']:.0f}" if "peak_rise_mb" in r else "?"
+
+    def ratio(other: dict[str, Any], t: float | None) -> str:
+        return f"{other['median_s'] / t:.2f}× faster" if t and "median_s" in other else "–"
+
+    for row in rows:
+        sp, me, ct, de = (row.get(e, {}) for e in ("spconv", "minkowski", "ctsparse", "dense"))
+        t = ct.get("median_s")
+        ideal = f"{t / row['ideal_s']:.2f}×" if t and row.get("ideal_s") else "–"
+        lines.append(
+            f"| {100 * row['occupancy']:g} % | {row['sites']:,} | {row['task']} | {ms(sp)} | {ms(me)} | "
+            f"**{ms(ct)}** | {ms(de)} | {ratio(sp, t)} | {ratio(me, t)} | {ideal} "
+            f"| {mb(sp)} / {mb(me)} / {mb(ct)} MB |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _line(row: dict[str, Any], engines: list[str]) -> str:

@@ -64,8 +64,9 @@ class PreprocessConfig:
 
 @dataclass
 class ModelConfig:
-    # sparse: the network on the kept sites, on ctsparse's own kernels on the CPU (faster than
-    # MinkowskiEngine 0.5.4's CPU backend, docs/benchmarks.md) and on MinkowskiEngine on CUDA.
+    # sparse: the network on the kept sites, on ctsparse's own kernels for CPU batches of 8,000
+    # sites or more (faster there than MinkowskiEngine 0.5.4's CPU backend, docs/benchmarks.md)
+    # and on MinkowskiEngine for smaller CPU batches and on CUDA.
     # minkowski: the same network and weights on MinkowskiEngine everywhere. dense: the same
     # topology with Conv3d on the densified, cropped grid; it exists so that every sparse claim
     # has a dense baseline. Any engine of models/registry.py is accepted.

@@ -18,6 +18,17 @@ from ctsparse.volume import Volume
 pytest.importorskip("MinkowskiEngine", reason="MinkowskiEngine is not installed: run scripts/setup.sh")
 
 CLASSES = ["none", "cube"]
+
+
+@pytest.fixture(autouse=True)
+def cpu_kernels_on_small_scans(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Engine `sparse` hands small CPU batches to ME: these small scans run ctsparse's kernels,
+    whose hooks are the ones to test here (ME's are tested through engine `minkowski`)."""
+    from ctsparse.models import sparse
+
+    monkeypatch.setattr(sparse, "CPU_KERNEL_MIN_SITES", 0)
+
+
 CUBE = (slice(6, 9), slice(4, 7), slice(3, 6))  # voxels of the bright cube
 
 
@@ -89,6 +100,8 @@ def _in_cube(mm: list[float]) -> bool:
     [
         ("sparse", "gradcam"),
         ("sparse", "inputxgrad"),
+        ("minkowski", "gradcam"),
+        ("minkowski", "inputxgrad"),
         ("dense", "gradcam"),
         ("dense", "inputxgrad"),
         ("dense", "occlusion"),
@@ -226,7 +239,7 @@ def test_predict_explain_writes_the_same_files(checkpoint: Path, tmp_path: Path)
     assert {p.name for p in out.iterdir()} >= {"a_gradcam.nii.gz", "a_gradcam_sites.npz", "a_gradcam.png"}
 
 
-@pytest.mark.parametrize("backend", ["sparse", "dense"])
+@pytest.mark.parametrize("backend", ["sparse", "minkowski", "dense"])
 def test_gradcam_sees_the_input_pooling_path(tmp_path: Path, backend: str) -> None:
     """Input pooling hands the mean and max of the input channels to the head beside the last
     stage. With every weight zero but the head's on the max-pooled HU, the whole answer takes that

@@ -20,6 +20,14 @@ pytest.importorskip("MinkowskiEngine", reason="MinkowskiEngine is not installed:
 SHAPE = (8, 6, 8)  # even: the stride-2 conv3d covers every cell
 
 
+@pytest.fixture(autouse=True)
+def cpu_kernels_on_small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Engine `sparse` hands small CPU batches to ME; these tests' batches are small on purpose."""
+    from ctsparse.models import sparse
+
+    monkeypatch.setattr(sparse, "CPU_KERNEL_MIN_SITES", 0)
+
+
 def random_sites(rng: np.random.Generator, batch: int, occupancy: float) -> torch.Tensor:
     """(N, 4) int32 batch, x, y, z; an isolated site and an empty-ish scan included."""
     parts = []
@@ -159,7 +167,7 @@ def test_a_checkpoint_of_the_cpu_path_loads_into_minkowskiengine_and_back(tmp_pa
         save_checkpoint(path, model, cfg, ["a", "b"], 3)
         written = load_checkpoint(path)
         assert written.config.model.backend == writer
-        assert written.implementation == (
+        assert written.implementation.startswith(
             "ctsparse CPU kernels (torch)" if writer == "sparse" else "MinkowskiEngine 0.5.4 (cpu)"
         )
         other, ckpt = build_from_checkpoint(path, backend=reader)
@@ -170,3 +178,16 @@ def test_a_checkpoint_of_the_cpu_path_loads_into_minkowskiengine_and_back(tmp_pa
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     with pytest.raises(Exception, match="weights do not fit"):
         build_from_checkpoint(tmp_path / "sparse.pt", backend="dense")
+
+
+def test_engine_sparse_takes_me_for_small_cpu_batches_and_its_kernels_for_large(monkeypatch) -> None:
+    from ctsparse.models import sparse
+
+    rng = np.random.default_rng(5)
+    svs = [random_sv(rng, (10, 9, 8), 0.3), random_sv(rng, (8, 8, 12), 0.2)]
+    n = sum(sv.n_sites for sv in svs)
+    cfg, cpu = ModelConfig(backend="sparse"), torch.device("cpu")
+    monkeypatch.setattr(sparse, "CPU_KERNEL_MIN_SITES", n + 1)
+    assert type(collate(svs, None, cfg, cpu).inputs).__name__ == "SparseTensor"
+    monkeypatch.setattr(sparse, "CPU_KERNEL_MIN_SITES", n)
+    assert type(collate(svs, None, cfg, cpu).inputs).__name__ == "SiteTensor"

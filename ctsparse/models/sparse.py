@@ -9,11 +9,12 @@ Max pooling sits beside average pooling because the findings we classify (a nodu
 local: averaging over ~10^5 sites dilutes them, the maximum keeps them.
 
 Every layer is an ME layer that also takes a `SiteTensor` (models/siteconv.py): the input decides
-the implementation. Engine `sparse` collates a SiteTensor on the CPU, where ctsparse's torch
-kernels are faster than ME 0.5.4's CPU backend (docs/benchmarks.md, "CPU sparse convolution
-against spconv"), and an ME.SparseTensor on CUDA; engine `minkowski` always collates for ME. Both
-run the same module with the same weights and state_dict keys, so a checkpoint of one is a
-checkpoint of the other.
+the implementation. Engine `sparse` collates a SiteTensor for a CPU batch of CPU_KERNEL_MIN_SITES
+sites or more, where ctsparse's torch kernels are faster than ME 0.5.4's CPU backend
+(docs/benchmarks.md, "CPU sparse convolution against spconv"), and an ME.SparseTensor for a
+smaller CPU batch (ME's C++ has less fixed cost per call) and on CUDA; engine `minkowski` always
+collates for ME. Both run the same module with the same weights and state_dict keys, so a
+checkpoint of one is a checkpoint of the other.
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ from ctsparse.models.sitemaps import SiteSet
 from ctsparse.sparse_volume import SparseVolume
 
 Sparse: TypeAlias = "ME.SparseTensor | SiteTensor"  # the input decides the implementation
+# Sites in a CPU batch from which ctsparse's kernels beat ME's CPU backend: measured on the forward
+# pass of the default network (the cross kernel, 64 channels: even at 8,000-10,000 sites) and of
+# the cube kernel on 8 channels (even at 5,000-6,000), 1 and 2 threads. Below it ME's C++ wins by
+# its lower fixed cost per layer (3-9x at 100 sites); above it ctsparse's kernels do (2.5-4.5x at
+# 30,000 sites and more).
+CPU_KERNEL_MIN_SITES = 8000
 
 
 class Convolution(ME.MinkowskiConvolution):  # type: ignore[misc]
@@ -178,8 +185,9 @@ def batched_coordinates(svs: Sequence[SparseVolume]) -> np.ndarray:
 
 
 def collate_sparse(svs: Sequence[SparseVolume], device: torch.device, multiple: int = 1) -> Sparse:
-    """Engine `sparse`: a SiteTensor on the CPU (ctsparse's kernels), an ME.SparseTensor elsewhere."""
-    if device.type == "cpu":
+    """Engine `sparse`: a SiteTensor for a CPU batch of CPU_KERNEL_MIN_SITES sites or more
+    (ctsparse's kernels), an ME.SparseTensor for a smaller one and on CUDA."""
+    if device.type == "cpu" and sum(sv.n_sites for sv in svs) >= CPU_KERNEL_MIN_SITES:
         return collate_sites(svs)
     return collate_minkowski(svs, device, multiple)
 
@@ -301,10 +309,15 @@ def _on_minkowski(device: torch.device) -> str:
 
 
 def _auto(device: torch.device) -> str:
-    return "ctsparse CPU kernels (torch)" if device.type == "cpu" else _on_minkowski(device)
+    if device.type != "cpu":
+        return _on_minkowski(device)
+    return (
+        f"ctsparse CPU kernels (torch) for batches of {CPU_KERNEL_MIN_SITES:,} sites or more, "
+        f"MinkowskiEngine {ME.__version__} (cpu) for smaller ones"
+    )
 
 
-# The sparse network, on ctsparse's kernels on the CPU and on MinkowskiEngine on CUDA
+# The sparse network, on ctsparse's kernels for large CPU batches and on MinkowskiEngine elsewhere
 ENGINE = Engine(
     name="sparse",
     build=build_sparse,
