@@ -28,9 +28,6 @@ if TYPE_CHECKING:
     from ctsparse.models.checkpoint import LoadedCheckpoint
 
 F32 = npt.NDArray[np.float32]
-# Grad-CAM sees only what passes through the last stage; input pooling hands the pooled input
-# channels (the blob channel's maximum, say) to the head beside it, and on the planner's phantom
-# models most of the logit takes that path (docs/benchmarks.md, "Explanations").
 F64 = npt.NDArray[np.float64]
 
 

@@ -161,10 +161,10 @@ def _last_stage(module: nn.Module, x: torch.Tensor, sv: SparseVolume) -> LastSta
         # the input pooling reads a leaf of its own, the sites' rows scattered into an empty grid,
         # so that its gradient is the pooling's alone (the trunk's path reaches the input through x)
         at = torch.from_numpy(np.ravel_multi_index(tuple(sv.coords.T.astype(np.int64)), x.shape[2:]))
+        at = at.to(x.device)
         flat = x.detach()[0].reshape(x.shape[1], -1)
-        pooled = flat[:, at.to(x.device)].T.contiguous().requires_grad_(True)
-        empty = torch.zeros_like(flat)
-        x_pooled = empty.index_copy(1, at.to(x.device), pooled.T).reshape(x.shape)
+        pooled = flat[:, at].T.contiguous().requires_grad_(True)
+        x_pooled = torch.zeros_like(flat).index_copy(1, at, pooled.T).reshape(x.shape)
 
     def head(feats: torch.Tensor) -> torch.Tensor:
         return model.forward_head(model.pool(feats.T.reshape(1, channels, *cells), x_pooled))
