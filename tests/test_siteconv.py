@@ -151,6 +151,59 @@ def test_network_on_the_cpu_path_equals_the_minkowski_network(kernel: str) -> No
             torch.testing.assert_close(ga, gb, rtol=1e-3, atol=1e-3 * float(gb.abs().max()) + 1e-6)
 
 
+@pytest.mark.parametrize("kernel", ["cube", "cross"])
+@pytest.mark.parametrize("path", ["im2col", "pairs"])
+def test_fused_inference_equals_the_layer_by_layer_network(
+    kernel: str, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without gradient and in eval mode, each convolution runs with its batch norm folded in and
+    its residual and ReLU applied per chunk; the logits must equal the layer-by-layer ones, and the
+    fused path must be the one taken."""
+    from ctsparse.models import sitegemm
+
+    monkeypatch.setattr(siteconv, "PAIR_DENSITY", 10.0 if path == "pairs" else 0.0)
+    rng = np.random.default_rng(3)
+    svs = [random_sv(rng, (14, 12, 10), 0.3), random_sv(rng, (9, 16, 11), 0.1)]
+    cfg = ModelConfig(kernel=kernel, widths=[4, 8, 8], depths=[1, 2, 1], dropout=0.0)  # type: ignore[arg-type]
+    torch.manual_seed(1)
+    model = create_model(cfg, 3, 2)
+    for m in model.modules():  # batch norms with statistics of their own, not the identity
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    model.eval()
+    inputs = collate(svs, None, cfg, torch.device("cpu")).inputs
+    assert isinstance(inputs, SiteTensor)
+    with torch.enable_grad():
+        reference = model(inputs).detach()
+    fused_calls = []
+    epilogue_call = sitegemm.Epilogue.__call__
+
+    def counted(self: sitegemm.Epilogue, out: torch.Tensor, start: int) -> None:
+        fused_calls.append(start)
+        epilogue_call(self, out, start)
+
+    monkeypatch.setattr(sitegemm.Epilogue, "__call__", counted)
+    with torch.no_grad():
+        fused = model(inputs)
+    torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)
+    assert fused_calls, "the fused path was not taken"
+
+
+def test_a_padded_buffer_is_read_in_place_and_a_dirty_one_is_copied() -> None:
+    from ctsparse.models import sitegemm
+
+    x = sitegemm.padded_empty(5, 3, torch.empty(0))
+    x.copy_(torch.arange(15.0).view(5, 3))
+    assert sitegemm._padded(x).data_ptr() == x.data_ptr()
+    x._base[-1] = 1.0  # the zero row was written over: a fresh padded copy, zero at the end
+    padded = sitegemm._padded(x)
+    assert padded.data_ptr() != x.data_ptr()
+    torch.testing.assert_close(padded, torch.cat([x, torch.zeros(1, 3)]))
+
+
 def test_a_checkpoint_of_the_cpu_path_loads_into_minkowskiengine_and_back(tmp_path) -> None:
     from ctsparse.config import Config
     from ctsparse.models.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint

@@ -65,6 +65,18 @@ class SiteTensor:
         return SiteTensor(self.F + other.F, self.sites)
 
 
+def _use_pairs(kmap: KernelMap, weight: torch.Tensor) -> bool:
+    return kmap.density < _pairs_below(weight.shape[1], weight.shape[2])
+
+
+def _run(
+    x: torch.Tensor, weight: torch.Tensor, kmap: KernelMap, pairs: bool, epilogue: sitegemm.Epilogue | None
+) -> torch.Tensor:
+    if pairs:
+        return sitegemm.pairs_forward(x, kmap.pairs(), weight, kmap.table.shape[0], epilogue)
+    return sitegemm.gather_gemm(x, kmap.table, weight, epilogue)
+
+
 class MapConv(torch.autograd.Function):
     """A convolution along a KernelMap; saves the input, the weight and the map, nothing gathered.
 
@@ -77,10 +89,8 @@ class MapConv(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.kmap, ctx.flip = kmap, flip
-        ctx.pairs = kmap.density < _pairs_below(weight.shape[1], weight.shape[2])
-        if ctx.pairs:
-            return sitegemm.pairs_forward(x, kmap.pairs(), weight, kmap.table.shape[0])
-        return sitegemm.gather_gemm(x, kmap.table, weight)
+        ctx.pairs = _use_pairs(kmap, weight)
+        return _run(x, weight, kmap, ctx.pairs, None)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -98,18 +108,30 @@ class MapConv(torch.autograd.Function):
         return gx, gw, None, None
 
 
-def site_conv(x: SiteTensor, weight: torch.Tensor, size: int, stride: int, cross: bool) -> SiteTensor:
+def site_conv(
+    x: SiteTensor, weight: torch.Tensor, size: int, stride: int, cross: bool,
+    epilogue: sitegemm.Epilogue | None = None,
+) -> SiteTensor:  # fmt: skip
     """ME.MinkowskiConvolution's result on the CPU path: a submanifold convolution (stride 1, odd
     size, cube or cross) or the stride-2 size-2 downsampling; weight (K, cin, cout) in ME's order
-    ((cin, cout) for size 1, as ME keeps it)."""
+    ((cin, cout) for size 1, as ME keeps it).
+
+    With an epilogue (inference only: no autograd graph is built) the bias, residual and ReLU it
+    holds are applied to the output chunk by chunk."""
     if weight.dim() == 2:
         weight = weight.unsqueeze(0)
     if stride == 1 and size % 2 == 1:
         offsets: Offsets = kernel_offsets(size, cross)
         flip = mirror(offsets)
         assert flip is not None  # odd cubes and crosses are symmetric
-        return SiteTensor(MapConv.apply(x.F, weight, x.sites.neighbours(offsets), flip), x.sites)
-    if stride == 2 and size == 2:
+        sites, kmap = x.sites, x.sites.neighbours(offsets)
+    elif stride == 2 and size == 2:
+        flip = None
         sites, kmap = x.sites.downsampled()
-        return SiteTensor(MapConv.apply(x.F, weight, kmap, None), sites)
-    raise ValueError(f"the CPU sparse path has no convolution of size {size}, stride {stride}")
+    else:
+        raise ValueError(f"the CPU sparse path has no convolution of size {size}, stride {stride}")
+    if epilogue is not None:
+        if torch.is_grad_enabled():
+            raise RuntimeError("a fused convolution is for inference: it builds no autograd graph")
+        return SiteTensor(_run(x.F, weight, kmap, _use_pairs(kmap, weight), epilogue), sites)
+    return SiteTensor(MapConv.apply(x.F, weight, kmap, flip), sites)

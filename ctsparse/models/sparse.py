@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ctsparse.config import ModelConfig
-from ctsparse.models import minkowski
+from ctsparse.models import minkowski, sitegemm
 from ctsparse.models.engine import Check, Engine, LastStage, SiteHooks
 from ctsparse.models.pooled_norm import PooledNorm
 from ctsparse.models.siteconv import SiteTensor, site_conv
@@ -55,12 +55,45 @@ class Convolution(ME.MinkowskiConvolution):  # type: ignore[misc]
             return site_conv(input, self.kernel, kg.kernel_size[0], kg.kernel_stride[0], cross)
         return super().forward(input, coordinates)
 
+    def fused(
+        self, x: SiteTensor, norm: BatchNorm, relu: bool, residual: SiteTensor | None = None
+    ) -> SiteTensor:
+        """relu(norm(self(x)) + residual) in one pass over the output, for inference: the batch
+        norm's scale folded into the kernel, its shift, the residual and the ReLU applied to each
+        chunk of output rows while it is in cache (models/sitegemm.Epilogue)."""
+        scale, shift = norm.folded()
+        kg = self.kernel_generator
+        cross = kg.region_type == ME.RegionType.HYPER_CROSS
+        extra = None if residual is None else residual.F
+        epilogue = sitegemm.Epilogue(shift, extra, relu)
+        return site_conv(x, self.kernel * scale, kg.kernel_size[0], kg.kernel_stride[0], cross, epilogue)
+
 
 class BatchNorm(ME.MinkowskiBatchNorm):  # type: ignore[misc]
     def forward(self, input: Sparse) -> Sparse:
         if isinstance(input, SiteTensor):
             return input.replace(self.bn(input.F))
         return super().forward(input)
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) per channel: what this batch norm does in eval mode, x * scale + shift."""
+        bn = self.bn
+        assert bn.running_mean is not None and bn.running_var is not None
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        shift = -bn.running_mean * scale
+        if bn.affine:
+            scale = scale * bn.weight
+            shift = shift * bn.weight + bn.bias
+        return scale, shift
+
+    def foldable(self) -> bool:
+        return not self.bn.training and self.bn.running_mean is not None
+
+
+def _inference(x: Sparse, *norms: BatchNorm) -> bool:
+    """Whether the convolutions before `norms` may run fused (Convolution.fused): ctsparse's CPU
+    kernels, no gradient wanted, every norm in eval mode with running statistics."""
+    return isinstance(x, SiteTensor) and not torch.is_grad_enabled() and all(n.foldable() for n in norms)
 
 
 class ReLU(ME.MinkowskiReLU):  # type: ignore[misc]
@@ -120,9 +153,38 @@ class SparseBasicBlock(nn.Module):
         self.relu = ReLU(inplace=True)
 
     def forward(self, x: Sparse) -> Sparse:
+        if _inference(x, self.norm1, self.norm2):
+            assert isinstance(x, SiteTensor)
+            out = self.conv1.fused(x, self.norm1, relu=True)
+            return self.conv2.fused(out, self.norm2, relu=True, residual=x)
         out = self.relu(self.norm1(self.conv1(x)))
         out = self.norm2(self.conv2(out))
         return self.relu(out + x)
+
+
+class Stage(nn.Sequential):
+    """nn.Sequential (same state_dict keys) whose convolution, batch norm, ReLU runs run fused on
+    ctsparse's CPU kernels at inference (Convolution.fused)."""
+
+    def forward(self, x: Sparse) -> Sparse:
+        layers = list(self)
+        i = 0
+        while i < len(layers):
+            conv, rest = layers[i], layers[i + 1 : i + 3]
+            if (
+                isinstance(conv, Convolution)
+                and len(rest) == 2
+                and isinstance(rest[0], BatchNorm)
+                and isinstance(rest[1], ReLU)
+                and _inference(x, rest[0])
+            ):
+                assert isinstance(x, SiteTensor)
+                x = conv.fused(x, rest[0], relu=True)
+                i += 3
+            else:
+                x = conv(x)
+                i += 1
+        return x
 
 
 class SparseResNet(nn.Module):
@@ -135,7 +197,7 @@ class SparseResNet(nn.Module):
         if cfg.kernel == "cross":
             minkowski.check_cross_kernel()
         w = cfg.widths
-        self.stem = nn.Sequential(
+        self.stem = Stage(
             _conv(cfg, in_channels, w[0], cfg.stem_kernel),
             BatchNorm(w[0]),
             ReLU(inplace=True),
@@ -150,7 +212,7 @@ class SparseResNet(nn.Module):
                     ReLU(True),
                 ]
             layers += [SparseBasicBlock(cfg, width) for _ in range(depth)]
-            stages.append(nn.Sequential(*layers))
+            stages.append(Stage(*layers))
         self.stages = nn.Sequential(*stages)
         self.dropout = nn.Dropout(cfg.dropout)
         self.input_norm = PooledNorm(2 * in_channels) if cfg.input_pooling else None
@@ -197,8 +259,11 @@ def _features(svs: Sequence[SparseVolume]) -> torch.Tensor:
 
 
 def collate_sites(svs: Sequence[SparseVolume]) -> SiteTensor:
-    """One SiteTensor for a batch of scans, rows in input order (a fresh SiteSet: no maps yet)."""
-    return SiteTensor(_features(svs), SiteSet(torch.from_numpy(batched_coordinates(svs))))
+    """One SiteTensor for a batch of scans, rows in input order (a fresh SiteSet: no maps yet).
+    The features sit on a zero row, which the first convolution reads for a missing neighbour."""
+    feats = sitegemm.padded_empty(sum(sv.n_sites for sv in svs), svs[0].feats.shape[1], torch.empty(0))
+    np.concatenate([sv.feats for sv in svs], axis=0, out=feats.numpy())
+    return SiteTensor(feats, SiteSet(torch.from_numpy(batched_coordinates(svs))))
 
 
 def collate_minkowski(
