@@ -50,10 +50,15 @@ class Convolution(ME.MinkowskiConvolution):  # type: ignore[misc]
 
     def forward(self, input: Sparse, coordinates: Any = None) -> Sparse:
         if isinstance(input, SiteTensor):
-            kg = self.kernel_generator
-            cross = kg.region_type == ME.RegionType.HYPER_CROSS
-            return site_conv(input, self.kernel, kg.kernel_size[0], kg.kernel_stride[0], cross)
+            return self._on_sites(input, self.kernel)
         return super().forward(input, coordinates)
+
+    def _on_sites(
+        self, x: SiteTensor, kernel: torch.Tensor, epilogue: sitegemm.Epilogue | None = None
+    ) -> SiteTensor:
+        kg = self.kernel_generator
+        cross = kg.region_type == ME.RegionType.HYPER_CROSS
+        return site_conv(x, kernel, kg.kernel_size[0], kg.kernel_stride[0], cross, epilogue)
 
     def fused(
         self, x: SiteTensor, norm: BatchNorm, relu: bool, residual: SiteTensor | None = None
@@ -62,11 +67,8 @@ class Convolution(ME.MinkowskiConvolution):  # type: ignore[misc]
         norm's scale folded into the kernel, its shift, the residual and the ReLU applied to each
         chunk of output rows while it is in cache (models/sitegemm.Epilogue)."""
         scale, shift = norm.folded()
-        kg = self.kernel_generator
-        cross = kg.region_type == ME.RegionType.HYPER_CROSS
         extra = None if residual is None else residual.F
-        epilogue = sitegemm.Epilogue(shift, extra, relu)
-        return site_conv(x, self.kernel * scale, kg.kernel_size[0], kg.kernel_stride[0], cross, epilogue)
+        return self._on_sites(x, self.kernel * scale, sitegemm.Epilogue(shift, extra, relu))
 
 
 class BatchNorm(ME.MinkowskiBatchNorm):  # type: ignore[misc]
