@@ -57,6 +57,9 @@ class PreprocessConfig:
     # the centre of round bright objects (nodules), small along vessels and walls.
     blob_channel: bool = False
     blob_scales_mm: list[float] = field(default_factory=lambda: [2.0, 3.0, 4.5])
+    # The filter sees HU clipped to [-1000, blob_hu_max]: at -100 every structure denser than fat
+    # looks alike, so contrast-filled vessels do not outshine soft-tissue nodules (filters.py).
+    blob_hu_max: float = -100.0
     # Normalization: (HU - center) / scale. 1000 maps the window [-1000, 1000] to [-1, 1].
     hu_center: float = 0.0
     hu_scale: float = 1000.0

@@ -24,19 +24,28 @@ import numpy.typing as npt
 FloatArray = npt.NDArray[np.float32]
 BoolArray = npt.NDArray[np.bool_]
 
-# HU range the filter sees: bone and contrast above soft tissue would otherwise swamp the nodule's
-# contrast against lung (-850 .. +40)
-CLIP_HU = (-1000.0, 200.0)
-SCALE = 100.0  # a 10 mm nodule of +40 HU in lung responds ~50 .. 120 before this division
+AIR_HU = -1000.0  # the filter's floor: below it is air, whatever the scanner wrote
+SCALE = 100.0  # a 10 mm nodule in lung responds ~40 .. 100 before this division
 
 
 def dot_enhancement(
-    hu: FloatArray, spacing: Sequence[float], scales_mm: Sequence[float], at: BoolArray
+    hu: FloatArray,
+    spacing: Sequence[float],
+    scales_mm: Sequence[float],
+    at: BoolArray,
+    hu_max: float = -100.0,
 ) -> npt.NDArray[np.float32]:
-    """Max-over-scales dot response at the voxels of `at` (in C order of `at`), divided by SCALE."""
+    """Max-over-scales dot response at the voxels of `at` (in C order of `at`), divided by SCALE.
+
+    The image is clipped to [AIR_HU, hu_max] first. The response grows with the density step
+    between an object and the lung around it; with hu_max at -100 HU (the upper end of fat) every
+    structure denser than fat makes the same step, so the response measures shape, not density,
+    and a contrast-filled vessel junction (+200 .. +400 HU) no longer outshines a soft-tissue
+    nodule (-100 .. +100 HU) of the same shape.
+    """
     from scipy import ndimage
 
-    x = np.clip(hu, *CLIP_HU).astype(np.float32)
+    x = np.clip(hu, AIR_HU, hu_max).astype(np.float32)
     idx = np.nonzero(at)
     best = np.zeros(len(idx[0]), dtype=np.float32)
     sp = [float(s) for s in spacing]

@@ -107,7 +107,7 @@ def _blob_channel(
     from ctsparse.filters import dot_enhancement
 
     dense = np.zeros(keep.shape, dtype=np.float32)
-    dense[keep] = dot_enhancement(hu, voxel_mm, cfg.blob_scales_mm, keep)
+    dense[keep] = dot_enhancement(hu, voxel_mm, cfg.blob_scales_mm, keep, cfg.blob_hu_max)
     k = cfg.patch_size if cfg.features == "patch" else 1
     if k > 1:
         shape: tuple[int, ...] = keep.shape

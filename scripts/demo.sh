@@ -18,7 +18,7 @@ mkdir -p "$OUT"
 
 ctsparse doctor
 ctsparse phantoms "$OUT/train" --n "$N_TRAIN" --seed 0 --nodule-mm 10-20
-ctsparse phantoms "$OUT/heldout" --n "$N_HELDOUT" --seed 1000 --nodule-mm 10-20
+ctsparse phantoms "$OUT/heldout" --n "$N_HELDOUT" --seed 2000 --nodule-mm 10-20
 ctsparse train "$OUT/train" --out "$OUT/run" --overwrite --workers 2 --set train.max_minutes=3.5
 ctsparse evaluate "$OUT/run/best.pt" "$OUT/heldout" --out "$OUT/evaluate"
 ctsparse predict "$OUT/run/best.pt" data_samples --out "$OUT/predictions.csv"

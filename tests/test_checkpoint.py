@@ -112,3 +112,14 @@ def test_cross_checkpoint_from_the_unpatched_cross_kernel_is_refused(tmp_path: P
     raw["config"]["model"]["backend"] = "dense"
     torch.save(raw, old)
     assert load_checkpoint(old).config.model.backend == "dense"
+
+
+def test_a_checkpoint_older_than_a_config_key_keeps_the_value_it_was_trained_with(tmp_path: Path) -> None:
+    cfg = load_config(None, ["model.widths=[4, 8]", "model.depths=[1, 1]"])
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, create_model(cfg.model, 1, 2), cfg, ["a", "b"], 1)
+    raw = torch.load(path, weights_only=True)
+    assert raw["config"]["preprocess"]["blob_hu_max"] == -100.0  # today's default is written
+    del raw["config"]["preprocess"]["blob_hu_max"]
+    torch.save(raw, path)
+    assert load_checkpoint(path).config.preprocess.blob_hu_max == 200.0

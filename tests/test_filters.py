@@ -43,6 +43,19 @@ def test_scale_normalization_sees_small_and_large_balls_alike():
     assert 0.5 < a / b < 2.0, (a, b)
 
 
+def test_above_hu_max_the_response_measures_shape_not_density():
+    soft, contrast = (_lung_with(ball=True, tube=False) for _ in range(2))
+    contrast[contrast > 0] = 350.0  # a contrast-filled ball of the same shape
+    at = np.zeros(soft.shape, dtype=bool)
+    at[12, 20, 20] = True
+    (a,) = dot_enhancement(soft, (1.0, 1.0, 1.0), [2.0, 3.0], at)
+    (b,) = dot_enhancement(contrast, (1.0, 1.0, 1.0), [2.0, 3.0], at)
+    assert a == b > 0.3
+    (c,) = dot_enhancement(soft, (1.0, 1.0, 1.0), [2.0, 3.0], at, hu_max=400.0)
+    (d,) = dot_enhancement(contrast, (1.0, 1.0, 1.0), [2.0, 3.0], at, hu_max=400.0)
+    assert abs(d / c - 1200.0 / 890.0) < 0.05  # the response follows the density step
+
+
 def test_sparsify_appends_the_blob_channel_after_the_patch_values():
     hu = _lung_with(ball=True, tube=True)
     hu[:, :, :2] = 40.0  # something body-like so the body mask has a largest component

@@ -74,6 +74,21 @@ def save_checkpoint(
         torch.save(payload, fh)
 
 
+# Keys added to the config after checkpoints were already written, with the value those older
+# checkpoints were trained with (not today's default): their scans must be preprocessed as before.
+LEGACY_DEFAULTS = {"preprocess": {"blob_hu_max": 200.0}}
+
+
+def _with_legacy_defaults(config: Any) -> Any:
+    if not isinstance(config, dict):
+        return config
+    out = dict(config)
+    for section, keys in LEGACY_DEFAULTS.items():
+        if isinstance(out.get(section), dict):
+            out[section] = {**keys, **out[section]}
+    return out
+
+
 def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
     path = Path(path)
     if not path.is_file():
@@ -108,7 +123,7 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
             path, f"checkpoint format {raw.get('format_version')}, this ctsparse reads {FORMAT_VERSION}"
         )
     try:
-        cfg = from_dict(raw["config"])
+        cfg = from_dict(_with_legacy_defaults(raw["config"]))
     except ConfigError as exc:
         raise CheckpointError(path, f"its config does not match this ctsparse version: {exc}") from exc
     try:
