@@ -115,6 +115,18 @@ def test_lookup_volume_and_sorted_search_give_the_same_maps(monkeypatch: pytest.
     assert torch.equal(down[1].table, search.downsampled()[1].table)
 
 
+@pytest.mark.parametrize("shift", [-(10**6), 10**6, 2**30])
+def test_maps_do_not_depend_on_where_the_sites_lie(shift: int) -> None:
+    # far from the origin the key before its shift leaves int32 and is computed in int64
+    coords = random_sites(np.random.default_rng(4), 2, 0.3)
+    moved = coords.clone()
+    moved[:, 1:] += torch.tensor([shift, -shift // 2, 8], dtype=torch.int32)  # even: same 2x2x2 cells
+    here, there = SiteSet(coords), SiteSet(moved)
+    for offsets in (kernel_offsets(3), kernel_offsets(3, True)):
+        assert torch.equal(here.neighbours(offsets).table, there.neighbours(offsets).table)
+    assert torch.equal(here.downsampled()[1].table, there.downsampled()[1].table)
+
+
 def random_sv(rng: np.random.Generator, shape: tuple[int, int, int], occupancy: float) -> SparseVolume:
     coords = np.ascontiguousarray(np.argwhere(rng.random(shape) < occupancy), dtype=np.int32)
     feats = rng.standard_normal((len(coords), 3)).astype(np.float32)

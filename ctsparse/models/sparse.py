@@ -241,11 +241,14 @@ class SparseResNet(nn.Module):
 
 def batched_coordinates(svs: Sequence[SparseVolume]) -> np.ndarray:
     """(N, 4) int32 [batch, x, y, z], C-contiguous as ME requires."""
-    parts = []
-    for i, sv in enumerate(svs):
-        col = np.full((sv.n_sites, 1), i, dtype=np.int32)
-        parts.append(np.concatenate([col, sv.coords.astype(np.int32, copy=False)], axis=1))
-    return np.ascontiguousarray(np.concatenate(parts, axis=0), dtype=np.int32)
+    out = np.empty((sum(sv.n_sites for sv in svs), 4), dtype=np.int32)
+    start = 0
+    for i, sv in enumerate(svs):  # written in place: no per-scan parts to concatenate
+        end = start + sv.n_sites
+        out[start:end, 0] = i
+        out[start:end, 1:] = sv.coords
+        start = end
+    return out
 
 
 def collate_sparse(svs: Sequence[SparseVolume], device: torch.device, multiple: int = 1) -> Sparse:
