@@ -33,15 +33,15 @@ def dot_enhancement(
     spacing: Sequence[float],
     scales_mm: Sequence[float],
     at: BoolArray,
-    hu_max: float = -100.0,
+    hu_max: float,
 ) -> npt.NDArray[np.float32]:
     """Max-over-scales dot response at the voxels of `at` (in C order of `at`), divided by SCALE.
 
-    The image is clipped to [AIR_HU, hu_max] first. The response grows with the density step
-    between an object and the lung around it; with hu_max at -100 HU (the upper end of fat) every
-    structure denser than fat makes the same step, so the response measures shape, not density,
-    and a contrast-filled vessel junction (+200 .. +400 HU) no longer outshines a soft-tissue
-    nodule (-100 .. +100 HU) of the same shape.
+    The image is clipped to [AIR_HU, hu_max] first (hu_max: preprocess.blob_hu_max). The response
+    grows with the density step between an object and the lung around it; with hu_max at -100 HU
+    (the upper end of fat) every structure denser than fat makes the same step, so the response
+    measures shape, not density, and a contrast-filled vessel junction (+200 .. +400 HU) no longer
+    outshines a soft-tissue nodule (-100 .. +100 HU) of the same shape.
     """
     from scipy import ndimage
 

@@ -10,6 +10,8 @@ from ctsparse.filters import dot_enhancement
 from ctsparse.sparsify import sparsify
 from ctsparse.volume import Volume
 
+HU_MAX = PreprocessConfig().blob_hu_max  # the default the pipeline passes
+
 
 def _grid(shape=(40, 40, 40)):
     return np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij")
@@ -29,7 +31,7 @@ def test_ball_responds_far_more_than_a_tube_of_the_same_radius():
     hu = _lung_with(ball=True, tube=True)
     at = np.zeros(hu.shape, dtype=bool)
     at[12, 20, 20] = at[28, 20, 20] = True  # ball centre, then tube axis (C order)
-    ball, tube = dot_enhancement(hu, (1.0, 1.0, 1.0), [2.0, 3.0], at)
+    ball, tube = dot_enhancement(hu, (1.0, 1.0, 1.0), [2.0, 3.0], at, HU_MAX)
     assert ball > 0.3 and tube < ball / 5, (ball, tube)
 
 
@@ -38,8 +40,8 @@ def test_scale_normalization_sees_small_and_large_balls_alike():
     large = _lung_with(ball=True, tube=False, radius=6.0)
     at = np.zeros(small.shape, dtype=bool)
     at[12, 20, 20] = True
-    (a,) = dot_enhancement(small, (1.0, 1.0, 1.0), [1.5, 2.5, 4.0], at)
-    (b,) = dot_enhancement(large, (1.0, 1.0, 1.0), [1.5, 2.5, 4.0], at)
+    (a,) = dot_enhancement(small, (1.0, 1.0, 1.0), [1.5, 2.5, 4.0], at, HU_MAX)
+    (b,) = dot_enhancement(large, (1.0, 1.0, 1.0), [1.5, 2.5, 4.0], at, HU_MAX)
     assert 0.5 < a / b < 2.0, (a, b)
 
 
@@ -48,8 +50,8 @@ def test_above_hu_max_the_response_measures_shape_not_density():
     contrast[contrast > 0] = 350.0  # a contrast-filled ball of the same shape
     at = np.zeros(soft.shape, dtype=bool)
     at[12, 20, 20] = True
-    (a,) = dot_enhancement(soft, (1.0, 1.0, 1.0), [2.0, 3.0], at)
-    (b,) = dot_enhancement(contrast, (1.0, 1.0, 1.0), [2.0, 3.0], at)
+    (a,) = dot_enhancement(soft, (1.0, 1.0, 1.0), [2.0, 3.0], at, HU_MAX)
+    (b,) = dot_enhancement(contrast, (1.0, 1.0, 1.0), [2.0, 3.0], at, HU_MAX)
     assert a == b > 0.3
     (c,) = dot_enhancement(soft, (1.0, 1.0, 1.0), [2.0, 3.0], at, hu_max=400.0)
     (d,) = dot_enhancement(contrast, (1.0, 1.0, 1.0), [2.0, 3.0], at, hu_max=400.0)
