@@ -123,7 +123,8 @@ def _lungs(
     from ctsparse.regions import NoRegionError, lung_region
 
     try:
-        return lung_region(hu, body, np.linalg.norm(affine[:3, :3], axis=0), cfg.lung_closing_mm)
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        return lung_region(hu, body, spacing, cfg.lung_closing_mm, cfg.lung_grid_mm)
     except NoRegionError as e:
         raise ScanError(source, f"{e}; preprocess.region is 'lungs'") from None
 

@@ -119,7 +119,10 @@ def test_a_checkpoint_older_than_a_config_key_keeps_the_value_it_was_trained_wit
     path = tmp_path / "m.pt"
     save_checkpoint(path, create_model(cfg.model, 1, 2), cfg, ["a", "b"], 1)
     raw = torch.load(path, weights_only=True)
-    assert raw["config"]["preprocess"]["blob_hu_max"] == -100.0  # today's default is written
-    del raw["config"]["preprocess"]["blob_hu_max"]
+    assert raw["config"]["preprocess"]["blob_hu_max"] == -100.0  # today's defaults are written
+    assert raw["config"]["preprocess"]["lung_grid_mm"] == 2.0
+    del raw["config"]["preprocess"]["blob_hu_max"], raw["config"]["preprocess"]["lung_grid_mm"]
     torch.save(raw, path)
-    assert load_checkpoint(path).config.preprocess.blob_hu_max == 200.0
+    old = load_checkpoint(path).config.preprocess
+    assert old.blob_hu_max == 200.0
+    assert old.lung_grid_mm is None  # the lung region on the scan's own grid, as it was computed

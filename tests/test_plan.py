@@ -191,3 +191,23 @@ def test_plan_yaml_loads_as_a_config(tmp_path: Path) -> None:
     full = resolve_config(planning.plan.values, ["train.lr=0.01"])
     (tmp_path / "full.yaml").write_text(plan_yaml(planning, full))
     assert to_dict(load_config(tmp_path / "full.yaml")) == to_dict(full)
+
+
+def test_preprocessing_workers_follow_the_cpus_the_ram_and_the_dataset_size(chest_fp: Fingerprint) -> None:
+    from dataclasses import replace
+
+    # 6 scans: workers would not repay their start
+    assert make_plan(chest_fp, None, replace(BUDGET, cpus=8)).values["data.workers"].value == 0
+    many = replace(chest_fp, n_scans=200)
+    v = make_plan(many, None, replace(BUDGET, cpus=8, ram_bytes=64 << 30)).values["data.workers"]
+    assert v.value == 4 and "8 CPUs" in v.reason and "--workers" in v.reason  # at most 4
+    assert (
+        make_plan(many, None, replace(BUDGET, cpus=2, ram_bytes=64 << 30)).values["data.workers"].value == 2
+    )
+    one_cpu = make_plan(many, None, replace(BUDGET, cpus=1)).values["data.workers"]
+    assert one_cpu.value == 0 and "one CPU" in one_cpu.reason
+    # RAM for 3.5 scans of the median size (24 bytes per voxel while sparsified) in a quarter of it
+    voxels = sorted(int(np.prod(s.shape)) for s in chest_fp.scans)[len(chest_fp.scans) // 2]
+    tight = replace(BUDGET, cpus=8, ram_bytes=int(voxels * 24 * 3.5 / 0.25))
+    assert make_plan(many, None, tight).values["data.workers"].value == 3
+    assert resolve_config(make_plan(many, None, replace(BUDGET, cpus=2)).values).data.workers == 2

@@ -59,6 +59,29 @@ def test_closing_pulls_a_juxta_pleural_nodule_into_the_region():
     assert (10, 21, 11) not in open_ and (13, 21, 11) in open_
 
 
+def _fine(vol: Volume, k: int) -> Volume:
+    """`vol` on voxels k times finer along each axis (every voxel repeated k^3 times)."""
+    hu = vol.array.repeat(k, 0).repeat(k, 1).repeat(k, 2)
+    return Volume(hu, np.diag([*(np.asarray(vol.spacing) / k), 1.0]), vol.source)
+
+
+def test_on_a_fine_grid_the_region_runs_on_blocks_and_matches_the_full_resolution_one():
+    from ctsparse.regions import block_factors
+
+    vol = _fine(_chest(nodule_at_wall=True), 2)  # 1 mm voxels: blocks of 2^3 at lung_grid_mm 2
+    assert block_factors(vol.spacing, 2.0) == [2, 2, 2]
+    assert block_factors((2.0, 2.0, 2.5), 2.0) == [1, 1, 1]
+    cfg = PreprocessConfig(threshold=-500, region="lungs", features="hu")
+    assert cfg.lung_grid_mm == 2.0
+    blocks = _kept_voxels(sparsify(vol, cfg))
+    full_cfg = PreprocessConfig(threshold=-500, region="lungs", features="hu", lung_grid_mm=None)
+    full = _kept_voxels(sparsify(vol, full_cfg))
+    # the juxta-pleural nodule (2 mm voxels 10..13, 20..23, 10..13 above) is pulled in on blocks too
+    nodule = {(x, y, z) for x in range(20, 28) for y in range(40, 48) for z in range(20, 28)}
+    assert nodule <= blocks and nodule <= full
+    assert len(blocks ^ full) <= 0.02 * len(full)
+
+
 def test_scan_without_lungs_is_refused_with_one_line():
     hu = np.full((30, 30, 20), -1000.0, dtype=np.float32)
     hu[5:25, 5:25, 2:18] = 40.0  # solid body, e.g. a head or a limb

@@ -73,21 +73,27 @@ class Machine:
 
     device: str  # "cpu" or "cuda"
     memory_bytes: int  # total RAM, or the GPU's memory
+    cpus: int = 1  # CPUs this process may run on
+    ram_bytes: int = 8 << 30  # total RAM (where the preprocessing workers run)
 
 
 def machine(device: str = "auto") -> Machine:
     from ctsparse.device import resolve_device
 
     dev = resolve_device(device, need_me=False)
+    try:
+        ram = int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        ram = 8 << 30
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
     if dev.type == "cuda":
         import torch
 
-        return Machine("cuda", int(torch.cuda.get_device_properties(dev).total_memory))
-    try:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        total = 8 << 30
-    return Machine("cpu", int(total))
+        return Machine("cuda", int(torch.cuda.get_device_properties(dev).total_memory), cpus, ram)
+    return Machine("cpu", ram, cpus, ram)
 
 
 def representative_scan(fp: Fingerprint, region: str) -> str:
