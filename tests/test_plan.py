@@ -196,9 +196,10 @@ def test_plan_yaml_loads_as_a_config(tmp_path: Path) -> None:
 def test_preprocessing_workers_follow_the_cpus_the_ram_and_the_dataset_size(chest_fp: Fingerprint) -> None:
     from dataclasses import replace
 
-    # 6 scans: workers would not repay their start
-    assert make_plan(chest_fp, None, replace(BUDGET, cpus=8)).values["data.workers"].value == 0
-    many = replace(chest_fp, n_scans=200)
+    # 6 small scans: a second's work, which workers would not repay
+    few = make_plan(chest_fp, None, replace(BUDGET, cpus=8)).values["data.workers"]
+    assert few.value == 0 and "would not repay" in few.reason
+    many = replace(chest_fp, n_scans=2000)
     v = make_plan(many, None, replace(BUDGET, cpus=8, ram_bytes=64 << 30)).values["data.workers"]
     assert v.value == 4 and "8 CPUs" in v.reason and "--workers" in v.reason  # at most 4
     assert (

@@ -78,11 +78,14 @@ EPOCH_OVERHEAD = 1.6
 STEP_S_PER_SITE = {"cpu": 4e-5, "cuda": 4e-6}
 STEP_BYTES_PER_SITE = 4_000
 # Preprocessing (decode + sparsify, once per scan into the cache) in worker processes: at most this
-# many, from this many scans on (fewer do not repay the workers' start-up, 2-3 s each), each
-# holding about this much RAM per voxel of a scan's own grid (a 500x500x277 chest CT read and
-# sparsified for the lung region at 0.96 mm peaked at 12 B per voxel; twice that for margin).
+# many, when one process would take at least PREP_MIN_S (less does not repay the workers'
+# start-up, 2-3 s each) at about PREP_S_PER_VOXEL per voxel of a scan's own grid (measured
+# 0.2 us on a 500x500x277 chest CT, 0.5-0.8 us on 96x96x64 phantoms, lung region and blob
+# channel), each worker holding about PREP_BYTES_PER_VOXEL of RAM (that chest CT, read and
+# sparsified at 0.96 mm, peaked at 12 B per voxel; twice that for margin).
 PREP_WORKERS_MAX = 4
-PREP_MIN_SCANS = 8
+PREP_MIN_S = 20.0
+PREP_S_PER_VOXEL = 5e-7
 PREP_BYTES_PER_VOXEL = 24
 # Non-HU values: 20 HU of jitter is 1 % of the default 2000 HU window; the same share of the window.
 JITTER_SHARE = 0.01
@@ -339,9 +342,12 @@ def _workers(fp: Fingerprint, budget: Budget) -> Planned:
     per = voxels * PREP_BYTES_PER_VOXEL
     fit = int(budget.ram_bytes * MEMORY_SHARE // max(per, 1))
     n = min(budget.cpus, PREP_WORKERS_MAX, fit, fp.n_scans)
-    if fp.n_scans < PREP_MIN_SCANS:
+    alone = fp.n_scans * voxels * PREP_S_PER_VOXEL
+    if alone < PREP_MIN_S:
         return Planned(
-            0, f"{fp.n_scans} scans are decoded in the training process: workers would not repay their start"
+            0,
+            f"{fp.n_scans} scans of median {voxels / 1e6:.3g} M voxels take about {alone:.0f} s to "
+            "preprocess in the training process: workers would not repay their start",
         )
     if n < 2:
         why = (
