@@ -12,9 +12,6 @@ Side by side in one process, interleaved run by run, medians of --runs:
 - `sparsify` with preprocess.lung_grid_mm null (the lung region's closing and outline band on the
   scan's own grid) and 2.0 (on ~2 mm blocks, the default), per stage, and how many kept voxels
   the two regions disagree on;
-- the blob filter's six Gaussian second derivatives at its smallest scale (2 mm) on the scan's
-  grid: one ndimage.gaussian_filter per derivative (18 one-dimensional passes) against
-  filters._second_derivatives (15 passes, shared ones run once);
 - the Hessian eigenvalues of the blob filter on --matrices random symmetric 3x3 matrices:
   np.linalg.eigvalsh on the stacked matrices against filters.symmetric_eigenvalues (closed form).
 """
@@ -99,36 +96,6 @@ def time_sparsify(volume: Any, cfgs: dict[str, Any], runs: int) -> dict[str, Any
     return out
 
 
-def time_derivatives(volume: Any, runs: int, sigma_mm: float = 2.0) -> dict[str, Any]:
-    from scipy import ndimage
-
-    from ctsparse.filters import _second_derivatives
-
-    x = np.clip(volume.array, -1000.0, -100.0).astype(np.float32)
-    sigma = [sigma_mm / float(v) for v in volume.spacing]
-    t: dict[str, list[float]] = {"gaussian_filter_each": [], "shared_passes": []}
-    diff = 0.0
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        each = {}
-        for order in ((2, 0, 0), (1, 1, 0), (1, 0, 1), (0, 2, 0), (0, 1, 1), (0, 0, 2)):
-            d = ndimage.gaussian_filter(x, sigma, order=list(order), mode="nearest", truncate=3.0)
-            each[order] = float(d[::7, ::7, ::7].sum())  # a checksum; the image itself is dropped
-        t["gaussian_filter_each"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        shared = {o: float(d[::7, ::7, ::7].sum()) for o, d in _second_derivatives(x, sigma)}
-        t["shared_passes"].append(time.perf_counter() - t0)
-        diff = max(diff, *(abs(each[o] - shared[o]) for o in each))
-    med = {k: statistics.median(v) for k, v in t.items()}
-    return {
-        "sigma_mm": sigma_mm,
-        "voxels": int(x.size),
-        "median_s": {k: round(v, 3) for k, v in med.items()},
-        "speedup": round(med["gaussian_filter_each"] / med["shared_passes"], 2),
-        "checksum_difference": diff,
-    }
-
-
 def time_eigen(n: int, runs: int) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     r = rng.standard_normal((n, 3, 3))
@@ -178,7 +145,6 @@ def main() -> None:
         "runs": args.runs,
         "machine": platform.processor() or platform.machine(),
         "sparsify": time_sparsify(volume, cfgs, args.runs),
-        "derivatives": time_derivatives(volume, args.runs),
         "eigenvalues": time_eigen(args.matrices, args.runs),
     }
     print(json.dumps(result, indent=1))

@@ -16,7 +16,7 @@ voxels asked for, which for a lung region is a small fraction of the grid.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -43,6 +43,8 @@ def dot_enhancement(
     measures shape, not density, and a contrast-filled vessel junction (+200 .. +400 HU) no longer
     outshines a soft-tissue nodule (-100 .. +100 HU) of the same shape.
     """
+    from scipy import ndimage
+
     x = np.clip(hu, AIR_HU, hu_max).astype(np.float32)
     idx = np.nonzero(at)
     best = np.zeros(len(idx[0]), dtype=np.float32)
@@ -50,38 +52,18 @@ def dot_enhancement(
     for s in scales_mm:
         sigma = [s / v for v in sp]
         h: dict[tuple[int, int], npt.NDArray[np.float64]] = {}
-        for order, d in _second_derivatives(x, sigma):
-            i, j = [a for a in range(3) for _ in range(order[a])]
-            h[i, j] = d[idx].astype(np.float64) * (s * s / (sp[i] * sp[j]))
+        for i in range(3):
+            for j in range(i, 3):
+                order = [0, 0, 0]
+                order[i] += 1
+                order[j] += 1
+                d = ndimage.gaussian_filter(x, sigma, order=order, mode="nearest", truncate=3.0)
+                h[i, j] = d[idx].astype(np.float64) * (s * s / (sp[i] * sp[j]))
         low, _, high = symmetric_eigenvalues(h[0, 0], h[1, 1], h[2, 2], h[0, 1], h[0, 2], h[1, 2])
         # all three negative: the smallest magnitude is -high, the largest -low
         dot = np.where(high < 0, high * high / np.maximum(-low, 1e-3), 0.0)
         np.maximum(best, dot.astype(np.float32), out=best)
     return best / np.float32(SCALE)
-
-
-def _second_derivatives(
-    x: FloatArray, sigma: Sequence[float]
-) -> Iterator[tuple[tuple[int, int, int], FloatArray]]:
-    """The six Gaussian second derivatives of x, as (derivative order per axis, image).
-
-    Each is three 1-D passes, axis 0, then 1, then 2, exactly as ndimage.gaussian_filter runs
-    them; passes shared between derivatives run once (15 passes instead of 18), depth first, so
-    that at most three images beside x are alive."""
-    from scipy import ndimage
-
-    def along(img: FloatArray, axis: int, order: int) -> FloatArray:
-        out: FloatArray = ndimage.gaussian_filter1d(
-            img, sigma[axis], axis=axis, order=order, mode="nearest", truncate=3.0
-        )
-        return out
-
-    for o0 in range(3):
-        a = along(x, 0, o0)
-        for o1 in range(3 - o0):
-            b = along(a, 1, o1)
-            o2 = 2 - o0 - o1
-            yield (o0, o1, o2), along(b, 2, o2)
 
 
 def symmetric_eigenvalues(
