@@ -64,6 +64,11 @@ class PreprocessConfig:
     # The filter sees HU clipped to [-1000, blob_hu_max]: at -100 every structure denser than fat
     # looks alike, so contrast-filled vessels do not outshine soft-tissue nodules (filters.py).
     blob_hu_max: float = -100.0
+    # The grid the filter runs on when preprocess.spacing resamples: "scan", the scan's own when
+    # the resampled voxel is coarser than the smallest blob scale along some axis (the filter's
+    # maxima are then carried to the resampled voxels they fall in), or always "resampled".
+    # Resampling first blurs a nodule of two or three voxels before the filter sees it.
+    blob_grid: Literal["scan", "resampled"] = "scan"
     # Normalization: (HU - center) / scale. 1000 maps the window [-1000, 1000] to [-1, 1].
     hu_center: float = 0.0
     hu_scale: float = 1000.0

@@ -125,14 +125,15 @@ def read_and_sparsify(
 ) -> Prepared | str:
     from ctsparse.io import read_volume
     from ctsparse.meters import peak_memory
-    from ctsparse.sparsify import sparsify
+    from ctsparse.sparsify import read_spacing, sparsify
 
     try:
         with peak_memory() as mem:
             t0 = time.perf_counter()
-            # resampled slice by slice while decoding: no full-resolution float volume in memory
+            # resampled slice by slice while decoding (no full-resolution float volume in memory),
+            # unless the blob filter runs on the scan's own grid
             volume = read_volume(
-                path, series_uid=series_uid, allow_non_ct=allow_non_ct, spacing=cfg.spacing, files=files
+                path, series_uid=series_uid, allow_non_ct=allow_non_ct, spacing=read_spacing(cfg), files=files
             )
             t1 = time.perf_counter()
             sv = sparsify(volume, cfg)

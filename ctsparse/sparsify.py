@@ -99,18 +99,91 @@ def _encode_patch(hu: FloatArray, keep: BoolArray, cfg: PreprocessConfig) -> tup
     return coords, np.ascontiguousarray(normalize(patches, cfg), dtype=np.float32)
 
 
-def _blob_channel(
-    hu: FloatArray, keep: BoolArray, coords: npt.NDArray[np.int32], voxel_mm: Any, cfg: PreprocessConfig
-) -> FloatArray:
-    """The dot-enhancement filter (ctsparse/filters.py) per site: its value at the voxel, or its
-    maximum over the kept voxels of a patch block."""
+def blob_on_scan_grid(cfg: PreprocessConfig) -> bool:
+    """Whether the blob filter runs on the scan's own grid rather than the resampled one: with
+    preprocess.blob_grid "scan", when resampling leaves a voxel coarser than the filter's smallest
+    scale along some axis. There, resampling first blurs a small nodule before the filter sees
+    it; on a grid finer than the scale it does not, and the resampled grid is cheaper."""
+    return (
+        cfg.blob_channel
+        and cfg.blob_grid == "scan"
+        and cfg.spacing is not None
+        and max(cfg.spacing) > min(cfg.blob_scales_mm, default=0.0)
+    )
+
+
+def read_spacing(cfg: PreprocessConfig) -> tuple[float, float, float] | list[float] | None:
+    """The spacing to resample to while reading: cfg.spacing, or None when the blob filter wants
+    the scan's own grid (sparsify then resamples after it has kept that grid for the filter)."""
+    return None if blob_on_scan_grid(cfg) else cfg.spacing
+
+
+def _blob_here(hu: FloatArray, keep: BoolArray, voxel_mm: Any, cfg: PreprocessConfig) -> FloatArray:
+    """The dot-enhancement filter (ctsparse/filters.py) at the kept voxels of this grid, 0 elsewhere."""
     from ctsparse.filters import dot_enhancement
 
     dense = np.zeros(keep.shape, dtype=np.float32)
     dense[keep] = dot_enhancement(hu, voxel_mm, cfg.blob_scales_mm, keep, cfg.blob_hu_max)
+    return dense
+
+
+def _axis_map(t: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None:
+    """(ratio, offset) per axis of an index map new -> old that only scales and shifts each axis
+    (as resampling does), else None."""
+    ratio = np.diag(t)[:3].copy()
+    if not np.allclose(t[:3, :3], np.diag(ratio), atol=1e-6) or np.any(ratio <= 0):
+        return None
+    return ratio, t[:3, 3].copy()
+
+
+def _blob_from_scan(
+    scan_hu: FloatArray, scan_affine: npt.NDArray[np.float64], grid_affine: npt.NDArray[np.float64],
+    keep: BoolArray, cfg: PreprocessConfig,
+) -> FloatArray | None:  # fmt: skip
+    """The filter run on the scan's own grid and carried to `keep`'s (resampled, cropped) grid:
+    each kept voxel gets the maximum over the scan voxels nearest to it (at least the one nearest
+    its centre). None when the two grids are not axis-aligned scalings of each other."""
+    from ctsparse.filters import dot_enhancement
+
+    amap = _axis_map(np.asarray(np.linalg.solve(scan_affine, grid_affine), dtype=np.float64))
+    if amap is None:
+        return None
+    ratio, offset = amap
+    kept = np.nonzero(keep)
+    lo, near, maps, valid = [], [], [], []
+    for ax in range(3):
+        n_new, n_old = keep.shape[ax], scan_hu.shape[ax]
+        first = int(np.floor(offset[ax] - ratio[ax] / 2))
+        last = int(np.ceil(offset[ax] + (n_new - 1 + 0.5) * ratio[ax]))
+        a, b = max(first, 0), min(last + 1, n_old)
+        j = np.arange(a, b)
+        m = np.rint((j - offset[ax]) / ratio[ax]).astype(np.int64)  # the new voxel each old one is in
+        valid.append((m >= 0) & (m < n_new))
+        maps.append(np.clip(m, 0, n_new - 1))
+        near.append(np.clip(np.rint(offset[ax] + kept[ax] * ratio[ax]).astype(np.int64), a, b - 1) - a)
+        lo.append((a, b))
+    inside = valid[0][:, None, None] & valid[1][None, :, None] & valid[2][None, None, :]
+    at = keep[np.ix_(maps[0], maps[1], maps[2])] & inside
+    at[near[0], near[1], near[2]] = True
+    sub = scan_hu[tuple(slice(a, b) for a, b in lo)]
+    voxel_mm = np.linalg.norm(scan_affine[:3, :3], axis=0)
+    values = dot_enhancement(sub, voxel_mm, cfg.blob_scales_mm, at, cfg.blob_hu_max)
+    on_scan = np.zeros(at.shape, dtype=np.float32)
+    on_scan[at] = values
+    dense = np.zeros(keep.shape, dtype=np.float32)
+    p = np.nonzero(at & inside)
+    np.maximum.at(dense, (maps[0][p[0]], maps[1][p[1]], maps[2][p[2]]), on_scan[p])
+    dense[kept] = np.maximum(dense[kept], on_scan[near[0], near[1], near[2]])
+    dense[~keep] = 0.0
+    return dense
+
+
+def _blob_channel(dense: FloatArray, coords: npt.NDArray[np.int32], cfg: PreprocessConfig) -> FloatArray:
+    """The blob filter per site: its value at the voxel, or its maximum over the kept voxels of a
+    patch block."""
     k = cfg.patch_size if cfg.features == "patch" else 1
     if k > 1:
-        shape: tuple[int, ...] = keep.shape
+        shape: tuple[int, ...] = dense.shape
         dense = np.pad(dense, [(0, -d % k) for d in shape])
         b = [-(-d // k) for d in shape]
         dense = dense.reshape(b[0], k, b[1], k, b[2], k).max(axis=(1, 3, 5))
@@ -152,6 +225,8 @@ def sparsify(volume: Volume, cfg: PreprocessConfig) -> SparseVolume:
     with stage(times, "resample"):
         if cfg.spacing is not None:
             hu, affine = resample(hu, affine, cfg.spacing)
+    # the scan's own grid, for a blob filter that runs before resampling (preprocess.blob_grid)
+    scan_grid = blob_on_scan_grid(cfg) and hu is not volume.array
     stats["grid_shape_resampled"] = list(hu.shape)
     with stage(times, "threshold"):
         keep = hu >= cfg.threshold  # NaN compares False: never kept
@@ -195,6 +270,7 @@ def sparsify(volume: Volume, cfg: PreprocessConfig) -> SparseVolume:
             full[region] = keep
             keep = full
         cropped_shape = keep.shape
+        grid_affine = affine
         voxel_mm = np.linalg.norm(affine[:3, :3], axis=0)
         if cfg.features == "patch" and cfg.patch_size > 1:
             coords, feats = _encode_patch(hu, keep, cfg)
@@ -208,8 +284,13 @@ def sparsify(volume: Volume, cfg: PreprocessConfig) -> SparseVolume:
             grid = cropped_shape
     if cfg.blob_channel:
         with stage(times, "blob"):
+            dense = (
+                _blob_from_scan(volume.array, volume.affine, grid_affine, keep, cfg) if scan_grid else None
+            )
+            if dense is None:
+                dense = _blob_here(hu, keep, voxel_mm, cfg)
             feats = np.ascontiguousarray(
-                np.concatenate([feats, _blob_channel(hu, keep, coords, voxel_mm, cfg)[:, None]], axis=1)
+                np.concatenate([feats, _blob_channel(dense, coords, cfg)[:, None]], axis=1)
             )
     n_in_grid = int(np.prod(stats["grid_shape_resampled"]))
     spacing_in = volume.meta.get("resampled_from", {}).get("spacing", volume.spacing)
@@ -277,7 +358,8 @@ def sparsify_cached(
             return load_sparse(cache), True
         except ValueError:
             pass  # truncated or stale file: recompute and overwrite below
-    # resampled while reading: a DICOM series never holds its full-resolution float32 volume
-    sv = sparsify(read_volume(path, spacing=cfg.spacing, **read_kwargs), cfg)
+    # resampled while reading (a DICOM series never holds its full-resolution float32 volume),
+    # unless the blob filter runs on the scan's own grid
+    sv = sparsify(read_volume(path, spacing=read_spacing(cfg), **read_kwargs), cfg)
     save_sparse(sv, cache)
     return sv, False

@@ -121,8 +121,11 @@ def test_a_checkpoint_older_than_a_config_key_keeps_the_value_it_was_trained_wit
     raw = torch.load(path, weights_only=True)
     assert raw["config"]["preprocess"]["blob_hu_max"] == -100.0  # today's defaults are written
     assert raw["config"]["preprocess"]["lung_grid_mm"] == 2.0
-    del raw["config"]["preprocess"]["blob_hu_max"], raw["config"]["preprocess"]["lung_grid_mm"]
+    assert raw["config"]["preprocess"]["blob_grid"] == "scan"
+    for key in ("blob_hu_max", "lung_grid_mm", "blob_grid"):
+        del raw["config"]["preprocess"][key]
     torch.save(raw, path)
     old = load_checkpoint(path).config.preprocess
     assert old.blob_hu_max == 200.0
     assert old.lung_grid_mm is None  # the lung region on the scan's own grid, as it was computed
+    assert old.blob_grid == "resampled"  # the blob filter after resampling, as it was computed

@@ -107,3 +107,41 @@ def test_closed_form_eigenvalues_match_lapack_on_random_and_degenerate_matrices(
     # below the float32 derivatives the filter feeds it
     assert np.all(np.abs(got - want) <= 1e-7 * scale)
     assert np.all(np.diff(got, axis=1) >= -1e-7 * scale)  # ascending
+
+
+def _ball_in_lung(spacing: tuple[float, float, float]) -> tuple[Volume, np.ndarray]:
+    """A box of soft tissue around an air-filled lung holding a 4 mm-radius ball; the ball's
+    centre in world mm."""
+    n, centre = (60, 60, 24), np.array([30.3, 29.6, 12.2])
+    hu = np.full(n, -1000.0, dtype=np.float32)
+    hu[5:55, 5:55, 2:22] = 40.0
+    hu[12:48, 12:48, 5:19] = -850.0
+    g = np.meshgrid(
+        *((np.arange(k) - c) * s for k, c, s in zip(n, centre, spacing, strict=True)), indexing="ij"
+    )
+    hu[g[0] ** 2 + g[1] ** 2 + g[2] ** 2 <= 16.0] = 40.0
+    return Volume(hu, np.diag([*spacing, 1.0]), "ball.nii.gz"), centre * np.array(spacing)
+
+
+def _blob_near(vol: Volume, world: np.ndarray, **settings: object) -> float:
+    sv = sparsify(vol, PreprocessConfig(threshold=-700, features="hu", blob_channel=True, **settings))
+    xyz = (sv.affine @ np.c_[sv.coords, np.ones(len(sv.coords))].T).T[:, :3]
+    return float(sv.feats[np.linalg.norm(xyz - world, axis=1) < 8.0, -1].max())
+
+
+def test_the_blob_filter_runs_on_the_scans_own_grid_before_a_coarse_resampling():
+    from ctsparse.sparsify import blob_on_scan_grid, read_spacing
+
+    vol, ball = _ball_in_lung((3.3, 3.3, 5.0))
+    native = _blob_near(vol, ball)
+    coarse = [3.65, 3.65, 5.0]
+    # the filter's maximum on the scan's grid reaches the resampled site it falls in, unchanged
+    assert _blob_near(vol, ball, spacing=coarse) == native
+    # filtered after resampling, the ball was blurred first
+    assert _blob_near(vol, ball, spacing=coarse, blob_grid="resampled") < 0.9 * native
+    cfg = PreprocessConfig(blob_channel=True, spacing=coarse)
+    assert blob_on_scan_grid(cfg) and read_spacing(cfg) is None  # the reader leaves the grid alone
+    # on grids finer than the smallest scale (2 mm) resampling first costs nothing: no detour
+    fine = PreprocessConfig(blob_channel=True, spacing=[0.96, 0.96, 1.25])
+    assert not blob_on_scan_grid(fine) and read_spacing(fine) == [0.96, 0.96, 1.25]
+    assert read_spacing(PreprocessConfig(spacing=coarse)) == coarse  # no blob channel

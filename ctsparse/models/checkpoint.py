@@ -76,7 +76,7 @@ def save_checkpoint(
 
 # Keys added to the config after checkpoints were already written, with the value those older
 # checkpoints were trained with (not today's default): their scans must be preprocessed as before.
-LEGACY_DEFAULTS = {"preprocess": {"blob_hu_max": 200.0, "lung_grid_mm": None}}
+LEGACY_DEFAULTS = {"preprocess": {"blob_hu_max": 200.0, "lung_grid_mm": None, "blob_grid": "resampled"}}
 
 
 def _with_legacy_defaults(config: Any) -> Any:
