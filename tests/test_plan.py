@@ -212,3 +212,44 @@ def test_preprocessing_workers_follow_the_cpus_the_ram_and_the_dataset_size(ches
     tight = replace(BUDGET, cpus=8, ram_bytes=int(voxels * 24 * 3.5 / 0.25))
     assert make_plan(many, None, tight).values["data.workers"].value == 3
     assert resolve_config(make_plan(many, None, replace(BUDGET, cpus=2)).values).data.workers == 2
+
+
+def test_site_counts_match_a_site_by_site_count(chest: Path) -> None:
+    """The dense-grid counts equal counting the distinct coords // k of every site, in the body
+    and inside the coarse lung mask mapped site by site."""
+    from ctsparse.config import PreprocessConfig
+    from ctsparse.io import read_volume
+    from ctsparse.plan.fingerprint import PATCH_SIZES, _lung_check, _site_counts
+    from ctsparse.sparsify import sparsify
+
+    for path in sorted(chest.glob("*.nii.gz"))[:2]:
+        vol = read_volume(path)
+        _, lungs = _lung_check(vol)
+        assert lungs is not None
+        got = _site_counts(vol, -500.0, True, lungs)
+        sv = sparsify(vol, PreprocessConfig(features="hu", threshold=-500.0, window=None))
+        mask, aff = lungs
+        t = np.linalg.inv(aff) @ sv.affine
+        idx = np.rint(sv.coords @ t[:3, :3].T + t[:3, 3]).astype(int)
+        ok = np.all((idx >= 0) & (idx < mask.shape), axis=1)
+        inside = np.zeros(len(idx), dtype=bool)
+        inside[ok] = mask[idx[ok, 0], idx[ok, 1], idx[ok, 2]]
+        for region, coords in (("body", sv.coords), ("lungs", sv.coords[inside])):
+            want = {str(k): len(np.unique(coords // k, axis=0)) for k in PATCH_SIZES}
+            assert got[region] == want, region
+        assert 0 < got["lungs"]["1"] < got["body"]["1"]
+
+
+def test_a_mask_maps_onto_a_grid_per_axis_and_refuses_a_rotation() -> None:
+    from ctsparse.plan.fingerprint import _on_grid
+
+    mask = np.zeros((4, 4, 4), dtype=bool)
+    mask[1, 2, 3] = True
+    half = np.diag([0.5, 0.5, 0.5, 1.0])  # a grid twice as fine; cell i reads voxel rint(i / 2)
+    on = _on_grid(mask, half, (8, 8, 8))
+    # rint rounds halves to even, as the site-by-site map does: x 2 -> 1; y 3, 4, 5 -> 2; z 6 -> 3
+    # (z 7 -> 4 lies outside the mask)
+    assert np.argwhere(on).tolist() == [[2, 3, 6], [2, 4, 6], [2, 5, 6]]
+    rot = np.eye(4)
+    rot[:2, :2] = [[0.0, -1.0], [1.0, 0.0]]
+    assert _on_grid(mask, rot, (4, 4, 4)) is None
