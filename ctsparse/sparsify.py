@@ -127,15 +127,6 @@ def _blob_here(hu: FloatArray, keep: BoolArray, voxel_mm: Any, cfg: PreprocessCo
     return dense
 
 
-def _axis_map(t: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None:
-    """(ratio, offset) per axis of an index map new -> old that only scales and shifts each axis
-    (as resampling does), else None."""
-    ratio = np.diag(t)[:3].copy()
-    if not np.allclose(t[:3, :3], np.diag(ratio), atol=1e-6) or np.any(ratio <= 0):
-        return None
-    return ratio, t[:3, 3].copy()
-
-
 def _blob_from_scan(
     scan_hu: FloatArray, scan_affine: npt.NDArray[np.float64], grid_affine: npt.NDArray[np.float64],
     keep: BoolArray, cfg: PreprocessConfig,
@@ -144,30 +135,27 @@ def _blob_from_scan(
     each kept voxel gets the maximum over the scan voxels nearest to it (at least the one nearest
     its centre). None when the two grids are not axis-aligned scalings of each other."""
     from ctsparse.filters import dot_enhancement
+    from ctsparse.io.geometry import axis_index_maps, inside_grid
 
-    amap = _axis_map(np.asarray(np.linalg.solve(scan_affine, grid_affine), dtype=np.float64))
-    if amap is None:
+    to_grid = axis_index_maps(np.linalg.solve(grid_affine, scan_affine), scan_hu.shape, keep.shape)
+    to_scan = axis_index_maps(np.linalg.solve(scan_affine, grid_affine), keep.shape, scan_hu.shape)
+    if to_grid is None or to_scan is None:
         return None
-    ratio, offset = amap
     kept = np.nonzero(keep)
-    lo, near, maps, valid = [], [], [], []
-    for ax in range(3):
-        n_new, n_old = keep.shape[ax], scan_hu.shape[ax]
-        first = int(np.floor(offset[ax] - ratio[ax] / 2))
-        last = int(np.ceil(offset[ax] + (n_new - 1 + 0.5) * ratio[ax]))
-        a, b = max(first, 0), min(last + 1, n_old)
-        j = np.arange(a, b)
-        m = np.rint((j - offset[ax]) / ratio[ax]).astype(np.int64)  # the new voxel each old one is in
-        valid.append((m >= 0) & (m < n_new))
-        maps.append(np.clip(m, 0, n_new - 1))
-        near.append(np.clip(np.rint(offset[ax] + kept[ax] * ratio[ax]).astype(np.int64), a, b - 1) - a)
-        lo.append((a, b))
-    inside = valid[0][:, None, None] & valid[1][None, :, None] & valid[2][None, None, :]
-    at = keep[np.ix_(maps[0], maps[1], maps[2])] & inside
+    # the scan block the grid covers: the scan voxels that fall in it, and each grid voxel's nearest
+    box = []
+    for ok, near_axis in zip(to_grid[1], to_scan[0], strict=True):
+        ends = np.concatenate(
+            [np.flatnonzero(ok)[[0, -1]] if ok.any() else [], [near_axis.min(), near_axis.max()]]
+        )
+        box.append(slice(int(ends.min()), int(ends.max()) + 1))
+    maps = [m[b] for m, b in zip(to_grid[0], box, strict=True)]
+    inside = inside_grid([ok[b] for ok, b in zip(to_grid[1], box, strict=True)])
+    near = [n[k] - b.start for n, k, b in zip(to_scan[0], kept, box, strict=True)]
+    at = keep[np.ix_(*maps)] & inside
     at[near[0], near[1], near[2]] = True
-    sub = scan_hu[tuple(slice(a, b) for a, b in lo)]
     voxel_mm = np.linalg.norm(scan_affine[:3, :3], axis=0)
-    values = dot_enhancement(sub, voxel_mm, cfg.blob_scales_mm, at, cfg.blob_hu_max)
+    values = dot_enhancement(scan_hu[tuple(box)], voxel_mm, cfg.blob_scales_mm, at, cfg.blob_hu_max)
     on_scan = np.zeros(at.shape, dtype=np.float32)
     on_scan[at] = values
     dense = np.zeros(keep.shape, dtype=np.float32)

@@ -240,16 +240,17 @@ def test_site_counts_match_a_site_by_site_count(chest: Path) -> None:
         assert 0 < got["lungs"]["1"] < got["body"]["1"]
 
 
-def test_a_mask_maps_onto_a_grid_per_axis_and_refuses_a_rotation() -> None:
-    from ctsparse.plan.fingerprint import _on_grid
+def test_grids_map_per_axis_and_a_rotation_is_refused() -> None:
+    from ctsparse.io.geometry import axis_index_maps, inside_grid
 
-    mask = np.zeros((4, 4, 4), dtype=bool)
-    mask[1, 2, 3] = True
     half = np.diag([0.5, 0.5, 0.5, 1.0])  # a grid twice as fine; cell i reads voxel rint(i / 2)
-    on = _on_grid(mask, half, (8, 8, 8))
-    # rint rounds halves to even, as the site-by-site map does: x 2 -> 1; y 3, 4, 5 -> 2; z 6 -> 3
-    # (z 7 -> 4 lies outside the mask)
-    assert np.argwhere(on).tolist() == [[2, 3, 6], [2, 4, 6], [2, 5, 6]]
+    maps = axis_index_maps(half, (8, 8, 8), (4, 4, 4))
+    assert maps is not None
+    idx, inside = maps
+    # rint rounds halves to even, as a site-by-site map does: 0 0 1 2 2 2 3 4 -> the last is outside
+    assert idx[0].tolist() == [0, 0, 1, 2, 2, 2, 3, 3]
+    assert inside[0].tolist() == [True] * 7 + [False]
+    assert inside_grid(inside).sum() == 7**3
     rot = np.eye(4)
     rot[:2, :2] = [[0.0, -1.0], [1.0, 0.0]]
-    assert _on_grid(mask, rot, (4, 4, 4)) is None
+    assert axis_index_maps(rot, (4, 4, 4), (4, 4, 4)) is None

@@ -19,6 +19,7 @@ import numpy.typing as npt
 from ctsparse.calibration import Decision
 from ctsparse.errors import CtsparseError
 from ctsparse.explain.methods import site_saliency
+from ctsparse.io.geometry import axis_index_maps
 from ctsparse.sparse_volume import SparseVolume
 from ctsparse.volume import Volume
 
@@ -173,10 +174,10 @@ def sites_to_grid(sv: SparseVolume, values: Any, shape: tuple[int, int, int], af
     to_site = np.linalg.solve(sv.affine, affine)  # voxel index -> continuous site index
     out = np.zeros(shape, dtype=values.dtype)
     lin = to_site[:3, :3]
-    if np.allclose(lin, np.diag(np.diag(lin)), atol=1e-9):
+    maps = axis_index_maps(to_site, shape, sv.grid_shape)
+    if maps is not None:
         # axis-aligned (resampling, crop and patches never rotate): one index vector per axis
-        idx = [np.rint(lin[a, a] * np.arange(shape[a]) + to_site[a, 3]).astype(np.int64) for a in range(3)]
-        inside = [(i >= 0) & (i < g) for i, g in zip(idx, sv.grid_shape, strict=True)]
+        idx, inside = maps
         if all(m.any() for m in inside):
             src = np.ix_(*(i[m] for i, m in zip(idx, inside, strict=True)))
             out[np.ix_(*(np.flatnonzero(m) for m in inside))] = dense[src]

@@ -7,6 +7,7 @@ as DICOM gives the same array and affine.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import nibabel.orientations as _orientations
@@ -80,3 +81,33 @@ def transpose_axes(
     new = affine.copy()
     new[:3, :3] = affine[:3, list(order)]
     return np.transpose(array, order), new
+
+
+def axis_index_maps(
+    to_other: npt.ArrayLike, shape: Sequence[int], other_shape: Sequence[int]
+) -> tuple[list[npt.NDArray[np.int64]], list[npt.NDArray[np.bool_]]] | None:
+    """Nearest indices between two grids related by a map that scales and shifts each axis on
+    its own (crop, resampling and patches never rotate).
+
+    to_other: 4x4, index on this grid -> index on the other. Returns, per axis, the other grid's
+    nearest index of every index along this one (clipped into the other grid) and whether it
+    lies inside it; None when the map mixes axes.
+    """
+    t = np.asarray(to_other, dtype=np.float64)
+    lin = t[:3, :3]
+    if not np.allclose(lin, np.diag(np.diag(lin)), atol=1e-9):
+        return None
+    idx, inside = [], []
+    for a in range(3):
+        i = np.rint(lin[a, a] * np.arange(shape[a]) + t[a, 3]).astype(np.int64)
+        inside.append((i >= 0) & (i < other_shape[a]))
+        idx.append(np.clip(i, 0, other_shape[a] - 1))
+    return idx, inside
+
+
+def inside_grid(inside: Sequence[npt.NDArray[np.bool_]]) -> npt.NDArray[np.bool_]:
+    """The 3D mask of axis_index_maps' per-axis `inside` flags: cells inside along every axis."""
+    out: npt.NDArray[np.bool_] = (
+        inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :]
+    )
+    return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import numpy.typing as npt
 from ctsparse.config import PreprocessConfig, TrainConfig
 from ctsparse.data.datasets import Sample, discover_dataset, stratified_split
 from ctsparse.errors import CtsparseError, DatasetError
+from ctsparse.io.geometry import axis_index_maps, inside_grid
 from ctsparse.plan.intensity import Intensity, measure_intensity, otsu
 from ctsparse.volume import Volume
 
@@ -33,7 +34,6 @@ SITE_SCANS = 8  # of those, re-read at the median spacing to count sites
 LUNG_CHECK_MM = 3.0
 PATCH_SIZES = (1, 2, 4, 8)
 HU_THRESHOLDS = (-700.0, -500.0, -300.0, 200.0)  # lung-nodule, body, soft tissue, bone
-_CHUNK = 1 << 21  # sites mapped to the lung grid at once
 
 Event = Callable[[str, dict[str, Any]], None]
 
@@ -143,21 +143,6 @@ def _occupied_blocks(grid: npt.NDArray[np.bool_]) -> dict[str, int]:
     return out
 
 
-def _on_grid(mask: npt.NDArray[np.bool_], to_mask: npt.NDArray[np.float64], shape: Sequence[int]) -> Any:
-    """`mask` at the nearest voxel of every cell of a grid of `shape` (`to_mask`: grid index ->
-    mask index, 4x4), False outside it; None when the map is not per-axis (a rotation)."""
-    t = np.asarray(to_mask, dtype=np.float64)
-    if not np.allclose(t[:3, :3], np.diag(np.diag(t)[:3]), atol=1e-9):
-        return None
-    idx, ok = [], []
-    for a in range(3):
-        i = np.rint(np.arange(shape[a]) * t[a, a] + t[a, 3]).astype(np.int64)
-        ok.append((i >= 0) & (i < mask.shape[a]))
-        idx.append(np.clip(i, 0, mask.shape[a] - 1))
-    inside = ok[0][:, None, None] & ok[1][None, :, None] & ok[2][None, None, :]
-    return mask[np.ix_(idx[0], idx[1], idx[2])] & inside
-
-
 def _site_counts(vol: Volume, threshold: float, body_mask: bool, lungs: Any) -> dict[str, dict[str, int]]:
     """Sites per patch size in the body and (given the coarse lung mask) in the lung region.
 
@@ -169,20 +154,17 @@ def _site_counts(vol: Volume, threshold: float, body_mask: bool, lungs: Any) -> 
     cfg = PreprocessConfig(features="hu", threshold=threshold, body_mask=body_mask, window=None)
     sv = sparsify(vol, cfg)
     c = sv.coords
-    grid = np.zeros(tuple(int(n) for n in sv.stats["grid_shape_cropped"]), dtype=bool)
+    grid = np.zeros(sv.grid_shape, dtype=bool)
     grid[c[:, 0], c[:, 1], c[:, 2]] = True
     out = {"body": _occupied_blocks(grid)}
     if lungs is not None:
         mask, aff = lungs
-        to_lung = np.linalg.inv(aff) @ sv.affine
-        in_lungs = _on_grid(mask, to_lung, grid.shape)
-        if in_lungs is None:  # an oblique grid: each site mapped on its own
-            in_lungs = np.zeros(grid.shape, dtype=bool)
-            for i in range(0, len(c), _CHUNK):
-                cc = c[i : i + _CHUNK]
-                idx = np.rint(cc.astype(np.float64) @ to_lung[:3, :3].T + to_lung[:3, 3]).astype(np.int64)
-                ok = np.all((idx >= 0) & (idx < mask.shape), axis=1)
-                in_lungs[cc[ok, 0], cc[ok, 1], cc[ok, 2]] = mask[idx[ok, 0], idx[ok, 1], idx[ok, 2]]
+        # the lung check grid and this one are the same scan resampled: a per-axis map
+        maps = axis_index_maps(np.linalg.solve(aff, sv.affine), grid.shape, mask.shape)
+        if maps is None:
+            raise ValueError("the lung check grid is not a per-axis scaling of the site grid")
+        idx, inside = maps
+        in_lungs = mask[np.ix_(*idx)] & inside_grid(inside)
         out["lungs"] = _occupied_blocks(grid & in_lungs)
     return out
 
