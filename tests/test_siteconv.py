@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ctsparse.collate import collate
 from ctsparse.config import ModelConfig
-from ctsparse.models import create_model, siteconv, sitemaps
+from ctsparse.models import create_model, siteconv, sitegemm, sitemaps
 from ctsparse.models.siteconv import SiteTensor, site_conv
 from ctsparse.models.sitemaps import SiteSet, kernel_offsets
 from ctsparse.sparse_volume import SparseVolume
@@ -55,21 +55,25 @@ def densify(coords: torch.Tensor, feats: torch.Tensor, batch: int) -> torch.Tens
     return grid
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("path", ["im2col", "pairs"])
 @pytest.mark.parametrize(
     ("size", "stride", "cross"), [(3, 1, False), (3, 1, True), (5, 1, True), (1, 1, False), (2, 2, False)]
 )
 def test_site_convolution_equals_conv3d_forward_and_backward(
-    size: int, stride: int, cross: bool, path: str, monkeypatch: pytest.MonkeyPatch
+    size: int, stride: int, cross: bool, path: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """float64 runs on torch.mm; float32 on oneDNN's matmul where this torch has it, with chunks
+    small enough that most GEMMs are partial chunks computed on a rounded-up height."""
     monkeypatch.setattr(siteconv, "PAIR_DENSITY", 10.0 if path == "pairs" else 0.0)
+    monkeypatch.setattr(sitegemm, "CHUNK_FLOATS", 1 << 15)
     rng = np.random.default_rng(size + 10 * cross)
     batch, cin, cout = 3, 4, 5
     coords = random_sites(rng, batch, 0.35)
     offsets = kernel_offsets(size, cross)
-    feats = torch.randn(len(coords), cin, dtype=torch.float64, requires_grad=True)
+    feats = torch.randn(len(coords), cin, dtype=dtype, requires_grad=True)
     shape = (cin, cout) if size == 1 else (len(offsets), cin, cout)  # ME keeps a size-1 kernel 2-D
-    weight = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(*shape, dtype=dtype, requires_grad=True)
     out = site_conv(SiteTensor(feats, SiteSet(coords)), weight, size, stride, cross)
     ref_grid = F.conv3d(
         densify(coords, feats, batch),
@@ -83,11 +87,33 @@ def test_site_convolution_equals_conv3d_forward_and_backward(
         assert torch.equal(torch.unique(cells, dim=0), torch.unique(oc, dim=0))
         assert out.tensor_stride == [2, 2, 2] and torch.equal(out.C[:, 1:], 2 * out.sites.coords[:, 1:])
     ref = ref_grid[oc[:, 0], :, oc[:, 1], oc[:, 2], oc[:, 3]]
-    torch.testing.assert_close(out.F, ref)
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}  # float32 sums in another order
+    torch.testing.assert_close(out.F, ref, **tol)
     g = torch.randn_like(ref)
     got = torch.autograd.grad(out.F, (feats, weight), g)
     want = torch.autograd.grad(ref, (feats, weight), g)
-    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got, want, **tol)
+
+
+def test_partial_chunks_run_on_a_few_heights_that_hold_them() -> None:
+    step = 1213
+    heights = {sitegemm._height(r, step) for r in range(1, step + 1)}
+    assert heights == {32, 64, 128, 151, 302, 453, 604, 755, 906, 1057, 1208, 1213}
+    assert all(r <= sitegemm._height(r, step) <= step for r in range(1, step + 1))
+    assert sitegemm._height(20, 100) == 32  # never fewer than 32 rows
+
+
+@pytest.mark.skipif(not sitegemm.ONEDNN, reason="this torch has no oneDNN matmul: float32 runs on torch.mm")
+def test_onednn_products_equal_torch_mm_on_full_and_partial_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sitegemm, "CHUNK_FLOATS", 1 << 15)
+    rng = np.random.default_rng(3)
+    sites = SiteSet(random_sites(rng, 2, 0.5))
+    table = sites.neighbours(kernel_offsets(3)).table
+    x, w = torch.randn(len(sites), 8), torch.randn(27, 8, 16)
+    got = sitegemm.gather_gemm(x, table, w)
+    monkeypatch.setattr(sitegemm, "ONEDNN", False)
+    torch.testing.assert_close(got, sitegemm.gather_gemm(x, table, w), rtol=1e-5, atol=1e-5)
+    assert len(sites) > sitegemm._rows(27 * 8) > len(sites) % sitegemm._rows(27 * 8)  # a partial chunk
 
 
 def test_an_isolated_site_reads_only_itself() -> None:

@@ -19,6 +19,7 @@ paths: cube offsets with x fastest, then y, then z; the cross as ctsparse's ME p
 from __future__ import annotations
 
 import itertools
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -109,13 +110,26 @@ class _Box:
         return self.cells <= MAX_LOOKUP_CELLS and self.cells <= MAX_CELLS_PER_SITE * max(n, 1)
 
 
+_local = threading.local()
+
+
+def _lookup_volume(cells: int, fill: int) -> torch.Tensor:
+    """An int32 volume of `cells` cells set to `fill`, in this thread's reusable buffer: a fresh
+    volume of a few megabytes costs more in page faults than filling it (4.5 MB: 1.5 ms to 0.3)."""
+    buf: torch.Tensor | None = getattr(_local, "lut", None)
+    if buf is None or buf.numel() < cells:
+        buf = _local.lut = torch.empty(cells, dtype=torch.int32)
+    return buf[:cells].fill_(fill)
+
+
 class _Index:
-    """Row of a key among `keys` (n when absent): a lookup volume or a sorted search."""
+    """Row of a key among `keys` (n when absent): a lookup volume or a sorted search. One index
+    per thread at a time: the lookup volume is the thread's reusable buffer."""
 
     def __init__(self, box: _Box, keys: torch.Tensor) -> None:
         self.n = keys.shape[0]
         if box.lookup_ok(self.n):
-            self.lut: torch.Tensor | None = torch.full((box.cells,), self.n, dtype=torch.int32)
+            self.lut: torch.Tensor | None = _lookup_volume(box.cells, self.n)
             self.lut[keys.long()] = torch.arange(self.n, dtype=torch.int32)
         else:
             self.lut = None
