@@ -22,7 +22,10 @@ Engines: `ctsparse` (engine `sparse` on the CPU: models/siteconv), `minkowski` (
 ME 0.5.4's CPU backend), `spconv` (the same network built from spconv 2.3.8's SubMConv3d /
 SparseConv3d, run in a side virtual environment) and `dense` (the dense twin on oneDNN, for the
 ideal: occupancy x dense time). Memory: the rise of the RSS high-water mark over one run, in a
-fresh process whose allocator returns freed blocks.
+fresh process whose allocator returns freed blocks. --keep-freed times every engine with glibc
+keeping freed memory for reuse (the default allocator unmaps every freed block above its mmap
+threshold, and the next tensor that size page-faults again: the dense twin's large activations
+pay most).
 
 spconv (with cumm) and torch==2.13.0 are installed into --venv (default
 ~/.cache/ctsparse/spconv-venv) on first use: a benchmark-only dependency, never ctsparse's. Its
@@ -233,11 +236,18 @@ def make_cases(
     return cases
 
 
-def _env(threads: int, memory: bool = False) -> dict[str, str]:
+# --keep-freed: glibc keeps freed memory for reuse instead of unmapping it, so that a new tensor
+# of tens of megabytes does not page-fault on every allocation
+KEEP_FREED = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+
+
+def _env(threads: int, memory: bool = False, keep_freed: bool = False) -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env["OPENBLAS_NUM_THREADS"] = "1"
     if memory:  # glibc hands every freed block above 128 KiB back to the system
         env.update({"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"})
+    elif keep_freed:
+        env.update(KEEP_FREED)
     return env
 
 
@@ -262,7 +272,7 @@ def time_engines(pythons: dict[str, str], spec: dict[str, Any], runs: int) -> di
         cmd = [python, __file__, "--worker", json.dumps({**spec, "engine": engine})]
         procs[engine] = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=logs[engine], text=True,
-            env=_env(spec["threads"]),
+            env=_env(spec["threads"], keep_freed=spec.get("keep_freed", False)),
         )  # fmt: skip
     ready = [e for e in procs if _reply(procs[e]) == "ready"]
     times: dict[str, list[tuple[float, float]]] = {e: [] for e in ready}
@@ -323,6 +333,10 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=CHANNELS, help="input channels of the classifier")
     ap.add_argument("--threads", default="1", help="comma-separated thread counts")
     ap.add_argument("--venv", type=Path, default=DEFAULT_VENV)
+    ap.add_argument(
+        "--keep-freed", action="store_true",
+        help="time with glibc keeping freed memory (no page faults on reallocation) for every engine",
+    )  # fmt: skip
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -342,7 +356,7 @@ def main() -> None:
                     row: dict[str, Any] = {"threads": threads, "task": task, "kernel": args.kernel, **case}
                     del row["path"]
                     spec = {"task": task, "case": case["path"], "threads": threads, "grid": grid,
-                            "kernel": args.kernel}  # fmt: skip
+                            "kernel": args.kernel, "keep_freed": args.keep_freed}  # fmt: skip
                     pythons = {e: side if e == "spconv" else sys.executable for e in engines}
                     if args.kernel != "cube":
                         pythons.pop("spconv", None)
@@ -357,7 +371,13 @@ def main() -> None:
                     if args.json:  # after every row: a long run interrupted keeps what it measured
                         args.json.write_text(
                             json.dumps(
-                                {"grid": grid, "channels": args.channels, "runs": args.runs, "rows": rows},
+                                {
+                                    "grid": grid,
+                                    "channels": args.channels,
+                                    "runs": args.runs,
+                                    "keep_freed": args.keep_freed,
+                                    "rows": rows,
+                                },
                                 indent=1,
                             )
                         )

@@ -54,7 +54,9 @@ def _start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env())
 
 
-def _wait_for_epochs(proc: subprocess.Popen[bytes], history: Path, n: int, timeout: float = 180) -> float:
+def _wait_for_epochs(
+    proc: subprocess.Popen[bytes], history: Path, n: int, timeout: float = 180, poll: float = 0.02
+) -> float:
     """Poll until history.csv holds n epochs; returns the last epoch's duration in seconds."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -62,7 +64,7 @@ def _wait_for_epochs(proc: subprocess.Popen[bytes], history: Path, n: int, timeo
         if len(rows) >= n:
             return float(rows[-1]["epoch_time_s"])
         assert proc.poll() is None, f"training ended (rc {proc.returncode}) before epoch {n}"
-        time.sleep(0.02)
+        time.sleep(poll)
     proc.kill()
     raise AssertionError(f"no epoch {n} after {timeout} s")
 
@@ -146,31 +148,38 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 def test_signal_mid_epoch_stops_cleanly_and_says_how_to_resume(
     tiny_dataset: Path, tmp_path: Path, signum: signal.Signals
 ) -> None:
-    """Ctrl-C, or a scheduler's SIGTERM, inside epoch 2: the step in progress finishes and is
+    """Ctrl-C, or a scheduler's SIGTERM, inside epoch 3: the step in progress finishes and is
     saved in last.pt, the process exits 130 with the resume command, and --resume finishes."""
     out = tmp_path / "run"
     log = tmp_path / "run.log"
-    proc = _start(_cmd(tiny_dataset, out, epochs=3), log)
-    epoch_s = _wait_for_epochs(proc, out / "history.csv", 1)
-    # epoch 2's six steps take most of an epoch (validation is two forward passes); epoch 1's
-    # time includes the first calls' warm-up, so a quarter of it lands after step 1 of epoch 2
+    # a finer grid and wider layers than the other tests: steps of ~25 ms, not ~2, so that the
+    # signal can be aimed inside an epoch
+    slower = ["--set", "preprocess.spacing=[3, 3, 4]", "--set", "model.widths=[32, 64]"]
+    proc = _start(_cmd(tiny_dataset, out, *slower, epochs=4), log)
+    epoch_s = _wait_for_epochs(proc, out / "history.csv", 2, poll=0.002)
+    # epoch 3's six steps take most of an epoch (validation is two forward passes); epoch 2 is
+    # past the first calls' warm-up, so a quarter of its time lands after step 1 of epoch 3
     time.sleep(0.25 * epoch_s)
     proc.send_signal(signum)
     assert proc.wait(timeout=60) == 130
     text = log.read_text()
     assert "interrupted" in text and "--resume" in text and "Traceback" not in text, text
-    assert _assert_run_files_valid(out) == 1
+    assert _assert_run_files_valid(out) == 2
     from ctsparse.models.checkpoint import load_checkpoint
 
     partial = load_checkpoint(out / "last.pt").extra["partial"]
-    assert partial is not None, "the signal did not land inside epoch 2's steps"
-    assert partial["epoch"] == 2 and 1 <= partial["batches_done"] < 6
-    assert f"epoch 1 + {partial['batches_done']} steps of epoch 2" in text
+    assert partial is not None, "the signal did not land inside epoch 3's steps"
+    assert partial["epoch"] == 3 and 1 <= partial["batches_done"] < 6
+    assert f"epoch 2 + {partial['batches_done']} steps of epoch 3" in text
     res = subprocess.run(
-        _cmd(tiny_dataset, out, "--resume", epochs=3), check=False, capture_output=True, text=True, env=_env()
+        _cmd(tiny_dataset, out, *slower, "--resume", epochs=4),
+        check=False,
+        capture_output=True,
+        text=True,
+        env=_env(),
     )
     assert res.returncode == 0, res.stdout + res.stderr
-    assert [int(r["epoch"]) for r in _strict_history(out / "history.csv")] == [1, 2, 3]
+    assert [int(r["epoch"]) for r in _strict_history(out / "history.csv")] == [1, 2, 3, 4]
 
 
 @pytest.mark.usefixtures("one_thread")
