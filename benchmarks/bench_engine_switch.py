@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ctsparse.collate import collate
-from ctsparse.config import load_config
+from ctsparse.config import Config, load_config
 from ctsparse.data.phantoms import case_rng, make_phantom
 from ctsparse.device import set_threads
 from ctsparse.models import create_model, sparse
@@ -46,7 +46,8 @@ def nearest_sites(sv: SparseVolume, n: int) -> SparseVolume:
     """The n sites nearest the site set's centre, in their original order."""
     d = ((sv.coords - sv.coords.mean(0)) ** 2).sum(1)
     keep = np.sort(np.argsort(d, kind="stable")[:n])
-    return replace(sv, coords=np.ascontiguousarray(sv.coords[keep]), feats=np.ascontiguousarray(sv.feats[keep]))
+    coords, feats = np.ascontiguousarray(sv.coords[keep]), np.ascontiguousarray(sv.feats[keep])
+    return replace(sv, coords=coords, feats=feats)
 
 
 def paired(fns: dict[str, Callable[[], Any]], runs: int) -> dict[str, float]:
@@ -62,6 +63,28 @@ def paired(fns: dict[str, Callable[[], Any]], runs: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def time_paths(
+    model: torch.nn.Module, cfg: Config, sv: SparseVolume, task: str, runs: int
+) -> dict[str, float]:
+    """Milliseconds of `task` on ME and on ctsparse's kernels, the two taking turns."""
+    cpu = torch.device("cpu")
+    model.train(task == "train")
+
+    def run(threshold: int) -> None:
+        sparse.CPU_KERNEL_MIN_SITES = threshold
+        x = collate([sv], None, cfg.model, cpu).inputs
+        if task == "forward":
+            with torch.no_grad():
+                model(x)
+            return
+        model.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), torch.zeros(1, dtype=torch.long))
+        loss.backward()  # type: ignore[no-untyped-call]
+
+    got = paired({"minkowski": lambda: run(1 << 62), "kernels": lambda: run(0)}, runs)
+    return {k: round(v * 1000, 2) for k, v in got.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sites", default="100,1000,3000,6000,10000,20000")
@@ -70,7 +93,6 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     set_threads(args.threads)
-    cpu = torch.device("cpu")
     rows = []
     for setting, overrides in SETTINGS.items():
         cfg = load_config(None, overrides)
@@ -84,20 +106,7 @@ def main() -> None:
             sv = nearest_sites(full, n)
             row: dict[str, Any] = {"setting": setting, "sites": n, "channels": full.n_channels}
             for task in ("forward", "train"):
-                model.train(task == "train")
-
-                def run(threshold: int, task: str = task, sv: SparseVolume = sv) -> None:
-                    sparse.CPU_KERNEL_MIN_SITES = threshold
-                    x = collate([sv], None, cfg, cpu).inputs
-                    if task == "forward":
-                        with torch.no_grad():
-                            model(x)
-                        return
-                    model.zero_grad(set_to_none=True)
-                    torch.nn.functional.cross_entropy(model(x), torch.zeros(1, dtype=torch.long)).backward()
-
-                got = paired({"minkowski": lambda: run(1 << 62), "kernels": lambda: run(0)}, args.runs)
-                row[task] = {k: round(v * 1000, 2) for k, v in got.items()}
+                row[task] = time_paths(model, cfg, sv, task, args.runs)
             rows.append(row)
             f, t = row["forward"], row["train"]
             print(
