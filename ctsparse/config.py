@@ -76,7 +76,7 @@ class PreprocessConfig:
 
 @dataclass
 class ModelConfig:
-    # sparse: the network on the kept sites, on ctsparse's own kernels for CPU batches of 8,000
+    # sparse: the network on the kept sites, on ctsparse's own kernels for CPU batches of 6,000
     # sites or more (faster there than MinkowskiEngine 0.5.4's CPU backend, docs/benchmarks.md)
     # and on MinkowskiEngine for smaller CPU batches and on CUDA.
     # minkowski: the same network and weights on MinkowskiEngine everywhere. dense: the same

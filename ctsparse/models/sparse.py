@@ -37,12 +37,13 @@ from ctsparse.models.sitemaps import SiteSet
 from ctsparse.sparse_volume import SparseVolume
 
 Sparse: TypeAlias = "ME.SparseTensor | SiteTensor"  # the input decides the implementation
-# Sites in a CPU batch from which ctsparse's kernels beat ME's CPU backend: measured on the forward
-# pass of the default network (the cross kernel, 64 channels: even at 8,000-10,000 sites) and of
-# the cube kernel on 8 channels (even at 5,000-6,000), 1 and 2 threads. Below it ME's C++ wins by
-# its lower fixed cost per layer (3-9x at 100 sites); above it ctsparse's kernels do (2.5-4.5x at
-# 30,000 sites and more).
-CPU_KERNEL_MIN_SITES = 8000
+# Sites in a CPU batch from which ctsparse's kernels beat ME's CPU backend, measured on compact
+# blocks of a chest phantom, forward (eval) and training step, one thread, paired in one process
+# (benchmarks/bench_engine_switch.py): the default network (cross kernel, 64 channels) ties at
+# 6,000 sites (forward 7.5 ms on the kernels, 7.7 on ME) and the cube on 8 channels crosses between
+# 3,000 and 6,000. Below it ME's C++ wins by its lower fixed cost per layer (4-6x at 100 sites);
+# above it the kernels do (1.8-2.4x at 20,000 sites).
+CPU_KERNEL_MIN_SITES = 6000
 
 
 class Convolution(ME.MinkowskiConvolution):  # type: ignore[misc]
