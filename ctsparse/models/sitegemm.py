@@ -17,12 +17,13 @@ Every gather and GEMM of a chunk writes into one scratch buffer per thread, reus
 call: a fresh megabyte-sized tensor per chunk costs more in page faults than the gather itself
 (index_select of 16 floats per row: 7 ns into a reused buffer, 20 ns into a new one).
 
-The forward GEMMs (and the input gradient's) of float32 CPU tensors run on oneDNN's matmul where
-torch has it (`_Product`): on an AMD EPYC with AVX-512, torch.mm (MKL) multiplies a gathered
-(1213, 432) chunk by a (432, 16) kernel at 87 GFLOP/s and oneDNN at 170. oneDNN builds one
-primitive per shape, at 0.1-0.3 ms each (a chunk of a new height runs at a fifth of the speed), so
-the GEMMs run on a few heights only: a full chunk, or a partial one rounded up to an eighth of a
-chunk (a power of two below that); the rows past the partial chunk's end are computed and dropped.
+The GEMMs of float32 CPU tensors (forward, input gradient, and the weight gradient on full chunks)
+run on oneDNN's matmul where torch has it (`_Product`, `_add_product`): on an AMD EPYC with
+AVX-512, torch.mm (MKL) multiplies a gathered (1213, 432) chunk by a (432, 16) kernel at 90
+GFLOP/s and oneDNN at 172 (benchmarks/bench_onednn_gemm.py). oneDNN builds one primitive per
+shape, at 0.1-0.3 ms each (a chunk of a new height runs at a fifth of the speed), so the GEMMs run
+on a few heights only: a full chunk, or a partial one rounded up to an eighth of a chunk (a power
+of two below that); the rows past the partial chunk's end are computed and dropped.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _scratch(slot: int, rows: int, width: int, like: torch.Tensor) -> torch.Tens
 
 def _onednn_linear() -> bool:
     """Whether this torch has oneDNN's matmul (torch.ops.mkldnn._linear_pointwise) and it agrees
-    with torch.mm."""
+    with torch.mm. On fixed inputs: an import must not draw from torch's random generator."""
     try:
         a = torch.arange(15, dtype=torch.float32).view(5, 3).sin()
         w = torch.arange(12, dtype=torch.float32).view(4, 3).cos()
