@@ -174,6 +174,10 @@ def worker(spec: dict[str, Any]) -> None:
         from ctsparse.device import set_threads
 
         set_threads(spec["threads"])  # torch, ME's OpenMP, and OpenBLAS at one thread (ctsparse's setting)
+    if not spec.get("onednn", True):  # ctsparse's GEMMs on torch.mm (--no-onednn)
+        from ctsparse.models import sitegemm
+
+        sitegemm.ONEDNN = False
     data = np.load(spec["case"])
     torch.manual_seed(0)
     coords, feats = torch.from_numpy(data["coords"]), torch.from_numpy(data["feats"])
@@ -337,6 +341,7 @@ def main() -> None:
         "--keep-freed", action="store_true",
         help="time with glibc keeping freed memory (no page faults on reallocation) for every engine",
     )  # fmt: skip
+    ap.add_argument("--no-onednn", action="store_true", help="ctsparse's GEMMs on torch.mm, not oneDNN")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -356,7 +361,8 @@ def main() -> None:
                     row: dict[str, Any] = {"threads": threads, "task": task, "kernel": args.kernel, **case}
                     del row["path"]
                     spec = {"task": task, "case": case["path"], "threads": threads, "grid": grid,
-                            "kernel": args.kernel, "keep_freed": args.keep_freed}  # fmt: skip
+                            "kernel": args.kernel, "keep_freed": args.keep_freed,
+                            "onednn": not args.no_onednn}  # fmt: skip
                     pythons = {e: side if e == "spconv" else sys.executable for e in engines}
                     if args.kernel != "cube":
                         pythons.pop("spconv", None)
@@ -376,6 +382,7 @@ def main() -> None:
                                     "channels": args.channels,
                                     "runs": args.runs,
                                     "keep_freed": args.keep_freed,
+                                    "onednn": not args.no_onednn,
                                     "rows": rows,
                                 },
                                 indent=1,
