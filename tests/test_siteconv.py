@@ -116,6 +116,21 @@ def test_onednn_products_equal_torch_mm_on_full_and_partial_chunks(monkeypatch: 
     assert len(sites) > sitegemm._rows(27 * 8) > len(sites) % sitegemm._rows(27 * 8)  # a partial chunk
 
 
+def test_a_reused_lookup_volume_gives_the_maps_of_a_fresh_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread's lookup volume, dirty from a larger site set's build, gives the same maps as a
+    fresh volume; a volume above the reuse limit is fresh and leaves the kept one alone."""
+    rng = np.random.default_rng(5)
+    large, small = random_sites(rng, 3, 0.6), random_sites(rng, 1, 0.2)
+    offsets = kernel_offsets(3)
+    SiteSet(large).neighbours(offsets)  # leaves its rows in the reused volume
+    reused = SiteSet(small).neighbours(offsets).table
+    monkeypatch.setattr(sitemaps, "REUSED_LOOKUP_CELLS", 0)
+    kept = sitemaps._local.lut.clone()
+    fresh = SiteSet(small).neighbours(offsets).table
+    assert torch.equal(reused, fresh)
+    assert torch.equal(sitemaps._local.lut, kept)
+
+
 def test_an_isolated_site_reads_only_itself() -> None:
     coords = torch.tensor([[0, 0, 0, 0], [0, 5, 5, 5], [0, 5, 5, 6], [1, 0, 0, 1]], dtype=torch.int32)
     table = SiteSet(coords).neighbours(kernel_offsets(3)).table

@@ -31,6 +31,8 @@ Offsets = tuple[tuple[int, int, int], ...]
 # cells per site; beyond either, sorted keys and a binary search (slower, no large buffer).
 MAX_LOOKUP_CELLS = 1 << 25
 MAX_CELLS_PER_SITE = 4096
+# largest lookup volume a thread keeps for the next map build (int32: 16 MiB)
+REUSED_LOOKUP_CELLS = 1 << 22
 # keys queried per step of a map build: the temporaries stay small enough for the allocator to
 # reuse (a fresh multi-megabyte buffer costs more in page faults than the lookups themselves)
 QUERY_ROWS = 1 << 16
@@ -114,8 +116,12 @@ _local = threading.local()
 
 
 def _lookup_volume(cells: int, fill: int) -> torch.Tensor:
-    """An int32 volume of `cells` cells set to `fill`, in this thread's reusable buffer: a fresh
-    volume of a few megabytes costs more in page faults than filling it (4.5 MB: 1.5 ms to 0.3)."""
+    """An int32 volume of `cells` cells set to `fill`, in this thread's reusable buffer up to
+    REUSED_LOOKUP_CELLS: a fresh volume of a few megabytes costs more in page faults than filling
+    it (4.5 MB: 1.5 ms to 0.3). A larger one is allocated fresh: its faults are a small part of a
+    map build over that many sites, and the thread does not keep it."""
+    if cells > REUSED_LOOKUP_CELLS:
+        return torch.full((cells,), fill, dtype=torch.int32)
     buf: torch.Tensor | None = getattr(_local, "lut", None)
     if buf is None or buf.numel() < cells:
         buf = _local.lut = torch.empty(cells, dtype=torch.int32)
