@@ -34,6 +34,9 @@ SETS = [
     "train.patience=50",
 ]
 EPOCHS = 6
+# for the tests that aim a signal inside an epoch: a finer grid and wider layers than SETS, so that
+# a step takes ~25 ms, not ~2 (a 15 ms epoch is shorter than the poll that watches for it)
+SLOWER = ["--set", "preprocess.spacing=[3, 3, 4]", "--set", "model.widths=[32, 64]"]
 TIMING = {"epoch_time_s", "sites_per_s", "peak_rss_mb", "peak_cuda_mb"}
 RUN_FILES = {"best.pt", "last.pt", "history.csv", "config.yaml", "split.json", "metrics.json"}
 
@@ -108,8 +111,8 @@ def _metrics(rows: list[dict[str, str]]) -> list[dict[str, str]]:
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "killed"
-    proc = _start(_cmd(tiny_dataset, out), tmp_path / "killed.log")
-    epoch_s = _wait_for_epochs(proc, out / "history.csv", 2)
+    proc = _start(_cmd(tiny_dataset, out, *SLOWER), tmp_path / "killed.log")
+    epoch_s = _wait_for_epochs(proc, out / "history.csv", 2, poll=0.002)
     time.sleep(0.4 * epoch_s)  # into epoch 3's steps
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
@@ -117,7 +120,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_dataset: Path,
     assert 2 <= done < EPOCHS
 
     res = subprocess.run(
-        _cmd(tiny_dataset, out, "--resume"), check=False, capture_output=True, text=True, env=_env()
+        _cmd(tiny_dataset, out, *SLOWER, "--resume"), check=False, capture_output=True, text=True, env=_env()
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"resuming at epoch {done + 1}" in res.stdout
@@ -125,7 +128,9 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_dataset: Path,
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # cleaned up on resume
 
     ref = tmp_path / "uninterrupted"
-    res = subprocess.run(_cmd(tiny_dataset, ref), check=False, capture_output=True, text=True, env=_env())
+    res = subprocess.run(
+        _cmd(tiny_dataset, ref, *SLOWER), check=False, capture_output=True, text=True, env=_env()
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert _metrics(_strict_history(out / "history.csv")) == _metrics(_strict_history(ref / "history.csv"))
     _assert_same_weights(out, ref)  # --threads 1: bit for bit, not just the printed digits
@@ -152,10 +157,7 @@ def test_signal_mid_epoch_stops_cleanly_and_says_how_to_resume(
     saved in last.pt, the process exits 130 with the resume command, and --resume finishes."""
     out = tmp_path / "run"
     log = tmp_path / "run.log"
-    # a finer grid and wider layers than the other tests: steps of ~25 ms, not ~2, so that the
-    # signal can be aimed inside an epoch
-    slower = ["--set", "preprocess.spacing=[3, 3, 4]", "--set", "model.widths=[32, 64]"]
-    proc = _start(_cmd(tiny_dataset, out, *slower, epochs=4), log)
+    proc = _start(_cmd(tiny_dataset, out, *SLOWER, epochs=4), log)
     epoch_s = _wait_for_epochs(proc, out / "history.csv", 2, poll=0.002)
     # epoch 3's six steps take most of an epoch (validation is two forward passes); epoch 2 is
     # past the first calls' warm-up, so a quarter of its time lands after step 1 of epoch 3
@@ -172,7 +174,7 @@ def test_signal_mid_epoch_stops_cleanly_and_says_how_to_resume(
     assert partial["epoch"] == 3 and 1 <= partial["batches_done"] < 6
     assert f"epoch 2 + {partial['batches_done']} steps of epoch 3" in text
     res = subprocess.run(
-        _cmd(tiny_dataset, out, *slower, "--resume", epochs=4),
+        _cmd(tiny_dataset, out, *SLOWER, "--resume", epochs=4),
         check=False,
         capture_output=True,
         text=True,
