@@ -8,7 +8,7 @@
    medians of 30 calls on the same shape: GFLOP/s.
 2. The classifier tasks of benchmarks/bench_spconv.py (conv16, forward, train on its CT-like site
    sets) with models/sitegemm.ONEDNN on and off, the two taking turns for --rounds rounds after a
-   warm-up of each: median milliseconds.
+   warm-up of each (bench_engine_switch.paired): median milliseconds.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_spconv  # the site sets and the tasks
+from bench_engine_switch import paired  # two paths taking turns, medians
 
 from ctsparse.device import set_threads
 from ctsparse.models import sitegemm
@@ -85,22 +86,16 @@ def task_row(case: dict[str, Any], task: str, rounds: int) -> dict[str, Any]:
     coords, feats = torch.from_numpy(data["coords"]), torch.from_numpy(data["feats"])
     spec = {"task": task, "grid": list(bench_spconv.GRID), "engine": "ctsparse", "kernel": "cube"}
     fn = bench_spconv._ctsparse_task(spec, coords, feats)
-    times: dict[bool, list[float]] = {True: [], False: []}
-    grad = torch.enable_grad() if task == "train" else torch.no_grad()
-    with grad:
-        for flag in (True, False):
-            sitegemm.ONEDNN = flag
-            fn()
-        for r in range(rounds):
-            for flag in (True, False) if r % 2 == 0 else (False, True):
-                sitegemm.ONEDNN = flag
-                t0 = time.perf_counter()
-                fn()
-                times[flag].append(time.perf_counter() - t0)
+
+    def run(onednn: bool) -> None:
+        sitegemm.ONEDNN = onednn
+        fn()
+
+    with torch.enable_grad() if task == "train" else torch.no_grad():
+        got = paired({"onednn": lambda: run(True), "mm": lambda: run(False)}, rounds)
     sitegemm.ONEDNN = True
     return {"occupancy": case["occupancy"], "sites": case["sites"], "task": task,
-            "onednn_ms": 1000 * statistics.median(times[True]),
-            "mm_ms": 1000 * statistics.median(times[False])}  # fmt: skip
+            "onednn_ms": 1000 * got["onednn"], "mm_ms": 1000 * got["mm"]}  # fmt: skip
 
 
 def main() -> None:

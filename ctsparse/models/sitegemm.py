@@ -321,7 +321,7 @@ def pairs_backward(
             n = len(rows)
             g = _gather(grad_out, outs[:, None], height=product.rows(n, step) if gx is not None else 0)
             if gx is not None:
-                gx.index_add_(0, rows, product(g, n, _scratch(1, n, cin, x)))
+                gx.index_add_(0, rows, product(g, n))
             if gw is not None:
                 gw[k].addmm_(_gather(x, rows[:, None], slot=2).t(), g[:n])
     return gx, gw
