@@ -3,7 +3,8 @@
     python benchmarks/out_of_box.py --work /tmp/ootb [--data-seeds 0,1,2] [--n-test 100]
 
 For each data seed S:
-1. `ctsparse phantoms WORK/sS/train --seed S` with no other option (the defaults a new user gets);
+1. `ctsparse phantoms WORK/sS/train --seed S` with no other option (the defaults a new user gets;
+   `--spacing` passes another voxel size to both sets);
 2. `ctsparse phantoms WORK/sS/test --n N_TEST --seed TEST_BASE+S`: held-out phantoms from seeds
    that neither the planner nor any default was tuned on (TEST_BASE defaults to 6000; the defaults
    were chosen on data seeds 11-14 and test seeds 12-15, and the blob filter's clip on test seed
@@ -51,12 +52,21 @@ def one_seed(work: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     train, test, runs, ev = d / "train", d / "test", d / "run", d / "eval"
     if not (train / "labels.csv").exists():
         times["phantoms_train_s"] = run(
-            [*CTSPARSE, "phantoms", str(train), "--seed", str(seed)], d / "gen.log"
+            [*CTSPARSE, "phantoms", str(train), "--seed", str(seed), *args.phantom_args], d / "gen.log"
         )
     test_seed = args.test_base + seed
     if not (test / "labels.csv").exists():
         times["phantoms_test_s"] = run(
-            [*CTSPARSE, "phantoms", str(test), "--n", str(args.n_test), "--seed", str(test_seed)],
+            [
+                *CTSPARSE,
+                "phantoms",
+                str(test),
+                "--n",
+                str(args.n_test),
+                "--seed",
+                str(test_seed),
+                *args.phantom_args,
+            ],
             d / "gen_test.log",
         )
     extra = [x for s in args.overrides for x in ("--set", s)]
@@ -140,8 +150,12 @@ def main() -> None:
     ap.add_argument("--test-base", type=int, default=6000)
     ap.add_argument("--n-test", type=int, default=100)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument(
+        "--spacing", default=None, help="phantoms --spacing for both sets (default: the command's default)"
+    )
     ap.add_argument("--demo", action="store_true", help="time scripts/demo.sh instead")
     args = ap.parse_args()
+    args.phantom_args = ["--spacing", args.spacing] if args.spacing else []
     args.work.mkdir(parents=True, exist_ok=True)
     if args.demo:
         demo(args.work)

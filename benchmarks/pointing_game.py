@@ -71,7 +71,7 @@ def inside_dilated(point: np.ndarray, centre: np.ndarray, radius: float, spacing
 
 def prepare(work: Path, args: argparse.Namespace) -> dict[str, Path]:
     train, test = work / "train", work / "test"
-    nod = ["--nodule-mm", "10-20", "--workers", "2"]
+    nod = ["--nodule-mm", "10-20", "--spacing", "3.65x3.65x5", "--workers", "2"]
     if not (train / "labels.csv").exists():
         run(
             [*CTSPARSE, "phantoms", str(train), "--n", "200", "--seed", str(TRAIN_SEED), *nod],

@@ -94,7 +94,7 @@ def parse_args() -> argparse.Namespace:
     add("--n-test", type=int, default=100)
     add("--minutes", type=float, default=20.0, help="train.max_minutes of every run")
     add("--config", default=None, help="config of every run (default: `ctsparse train` plans)")
-    add("--phantom-spacing", default=None, help="phantom voxel size, XxYxZ mm (default 3.65x3.65x5)")
+    add("--phantom-spacing", default="3.65x3.65x5", help="phantom voxel size, XxYxZ mm")
     add("--nodule-mm", default=None, help="phantom nodule diameters, LO-HI mm (default 6-20)")
     add(
         "--phantom-workers",

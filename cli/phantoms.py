@@ -66,12 +66,12 @@ def phantoms(
         typer.Option(
             callback=_check_triple,
             help="Voxels XxYxZ (before --vary changes the slice count). Default: a 350x350x320 mm "
-            "chest field at --spacing (96x96x64 at the default spacing).",
+            "chest field at --spacing (140x140x128 at the default spacing).",
         ),
     ] = None,
     spacing: Annotated[
         str, typer.Option(callback=_check_triple, help="Voxel size in mm, XxYxZ.")
-    ] = "3.65x3.65x5",
+    ] = "2.5x2.5x2.5",
     classes: Annotated[str, typer.Option(help="Comma-separated classes: normal, nodule.")] = "normal,nodule",
     balanced: Annotated[bool, typer.Option(help="Equal class counts (else random labels).")] = True,
     vary: Annotated[

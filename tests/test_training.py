@@ -390,3 +390,17 @@ def test_learning_path_generalizes_on_a_find_the_block_task() -> None:
         )
     metrics = evaluate(model, val_set, cfg, torch.device("cpu"), loss_fn, ["clutter", "block"])
     assert metrics["accuracy"] >= 0.9, metrics
+
+
+def test_the_best_epoch_is_the_highest_score_and_among_ties_the_lowest_validation_loss(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """On a small validation set accuracy moves in steps of 1/n and epochs tie; best.pt is the
+    epoch with the highest train.metric and, among those, the lowest validation loss."""
+    cfg = load_config(None, [*TINY_TRAIN, "train.val_fraction=0.4", "train.epochs=5", "train.patience=5"])
+    train(tiny_dataset, tmp_path / "run", cfg, device="cpu")
+    rows = _history(tmp_path / "run" / "history.csv")
+    scores = [(float(r["val_balanced_accuracy"]), -float(r["val_loss"]), -int(r["epoch"])) for r in rows]
+    expected = -max(scores)[2]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["best_epoch"] == expected
+    assert len({s[0] for s in scores}) < len(scores), "no tie among the epochs: the case is not exercised"

@@ -187,12 +187,14 @@ def _train(
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
 
     start_epoch, best_score, best_epoch, bad_epochs = 1, -math.inf, 0, 0
+    best_loss = math.inf  # breaks ties of the metric: 40 validation scans give coarse scores
     partial: EpochProgress | None = None
     if state:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"]) + 1
         best_score, best_epoch = float(state["best_score"]), int(state["best_epoch"])
+        best_loss = float(state.get("best_loss", math.inf))
         bad_epochs = int(state["bad_epochs"])
         rng.bit_generator.state = state["numpy_rng"]
         ddp.restore_torch_rng(state, cfg.train.seed, d, start_epoch)
@@ -213,6 +215,7 @@ def _train(
             "epoch": epoch_done,
             "best_score": best_score,
             "best_epoch": best_epoch,
+            "best_loss": best_loss,
             "bad_epochs": bad_epochs,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -266,9 +269,9 @@ def _train(
             ddp.average_bn_buffers(raw, d)
             ev = evaluate(raw, val_set or train_set, cfg, dev, loss_fn, classes, dist=d)
             score = -ev["loss"] if cfg.train.metric == "loss" else float(ev[cfg.train.metric])
-            improved = score > best_score or not math.isfinite(best_score)
+            improved = _better(score, float(ev["loss"]), best_score, best_loss)
             if improved:
-                best_score, best_epoch, bad_epochs = score, epoch, 0
+                best_score, best_epoch, best_loss, bad_epochs = score, epoch, float(ev["loss"]), 0
             else:
                 bad_epochs += 1
             row = hist.row(epoch, optimizer, tr, ev, time.perf_counter() - t0, dev)
@@ -309,6 +312,15 @@ def _train(
     return TrainResult(
         out, best_epoch, best_score, last_done, metrics, skipped, interrupted, batches_into_next
     )
+
+
+def _better(score: float, loss: float, best_score: float, best_loss: float) -> bool:
+    """Whether an epoch beats the best so far: a higher score, or the same score at a lower
+    validation loss. On a small validation set accuracy moves in steps of 1/n, so many epochs tie;
+    the first of them is rarely the best, and the loss tells them apart."""
+    if not math.isfinite(best_score):
+        return True
+    return score > best_score or (score == best_score and loss < best_loss)
 
 
 def _main_thread() -> bool:
