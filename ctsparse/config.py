@@ -116,6 +116,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: int = 1
     balance: Literal["loss", "sampler", "none"] = "loss"
+    # best.pt is the epoch with the highest validation `metric`; epochs tied on it (accuracy moves
+    # in steps of 1/n on n validation scans) go to the lower validation loss
     metric: Literal["balanced_accuracy", "accuracy", "auroc", "loss"] = "balanced_accuracy"
     patience: int = 10  # epochs without improvement of `metric` before stopping
     val_fraction: float = 0.2
