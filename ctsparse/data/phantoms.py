@@ -42,7 +42,7 @@ CLASSES = ("normal", "nodule")
 # 350 mm is a typical adult chest display field; 320 mm covers the lungs from apex to bases.
 FOV_MM = (350.0, 350.0, 320.0)
 # `ctsparse phantoms` (generate_phantoms): at 2.5 mm a 6 mm nodule spans two to three voxels along
-# every axis; at 3.65 x 3.65 x 5 mm it covers under two, and the smallest nodules are no longer
+# every axis; at 3.65 x 3.65 x 5 mm it covers under two, and the smallest nodules cannot be
 # told from vessels (docs/benchmarks.md, "Out of the box")
 DEFAULT_SPACING = (2.5, 2.5, 2.5)
 # one phantom (make_phantom): 96 x 96 x 64, small enough for benchmarks and tests
