@@ -124,11 +124,18 @@ def choose_threshold(
 ) -> tuple[float, str]:
     """Operating threshold on a positive-class score: label positive iff score >= threshold.
 
-    Youden's J (max sensitivity + specificity - 1) by default; with target_sensitivity, the
-    highest threshold whose sensitivity reaches it (the best specificity at that sensitivity), i.e.
-    where sensitivity first reaches the target as the threshold is lowered. The threshold is put
-    halfway between the cut-off score and the next lower score, so the validation confusion
-    matrix is the one chosen, with a margin on both sides.
+    Youden's J (max sensitivity + specificity - 1) by default. On a small validation set a whole
+    range of thresholds reaches the best J (all of the gap between two separated classes, say), and
+    which of them is taken decides the errors on new scans. The rule takes, in logit space, the
+    point where the two classes' scores are equally many of their own standard deviations away
+    (`_balanced_logit`): next to a tight class and far from a spread one, as the spread class's
+    unseen scans need. When that point itself falls outside the best-J range, the middle of the
+    nearest best-J interval is taken instead.
+
+    With target_sensitivity, the highest threshold whose sensitivity reaches it (the best
+    specificity at that sensitivity), i.e. where sensitivity first reaches the target as the
+    threshold is lowered, put halfway between the cut-off score and the next lower score, so the
+    validation confusion matrix is the one chosen, with a margin on both sides.
 
     Returns:
         (threshold, rule name for reports: "youden" or "sensitivity>=0.9").
@@ -141,13 +148,45 @@ def choose_threshold(
         raise ValueError("an operating threshold needs scans of both classes")
     fpr, tpr, thr = roc_curve(pos, s, drop_intermediate=False)  # thr[0] is +inf: nothing positive
     if target_sensitivity is None:
-        i, rule = int(np.argmax((tpr - fpr)[1:])) + 1, "youden"
-    else:
-        i = int(np.argmax(tpr >= target_sensitivity - 1e-12))
-        rule = f"sensitivity>={target_sensitivity:g}"
-    i = max(i, 1)
+        j = tpr - fpr
+        best = [i for i in range(1, len(thr)) if j[i] >= j[1:].max() - 1e-12]
+        return _within_best(thr, best, _balanced_logit(_logit(s[pos]), _logit(s[~pos]))), "youden"
+    i = max(int(np.argmax(tpr >= target_sensitivity - 1e-12)), 1)
     cut = float(thr[i])
+    rule = f"sensitivity>={target_sensitivity:g}"
     return (cut + float(thr[i + 1])) / 2 if i + 1 < len(thr) else cut, rule
+
+
+def _logit(p: npt.ArrayLike) -> F64:
+    q = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
+    return np.asarray(np.log(q) - np.log1p(-q), dtype=np.float64)
+
+
+def _balanced_logit(z_pos: F64, z_neg: F64) -> float:
+    """The logit z between the two classes' means with (z - mean_neg) / sd_neg equal to
+    (mean_pos - z) / sd_pos: each class's scores are equally many of their own standard
+    deviations from it (the midpoint of the means when both spreads are 0)."""
+    m1, m0 = float(z_pos.mean()), float(z_neg.mean())
+    s1 = float(z_pos.std(ddof=1)) if len(z_pos) > 1 else 0.0
+    s0 = float(z_neg.std(ddof=1)) if len(z_neg) > 1 else 0.0
+    return (m0 + m1) / 2 if s0 + s1 == 0 else m0 + (m1 - m0) * s0 / (s0 + s1)
+
+
+def _within_best(thr: F64, best: list[int], z: float) -> float:
+    """The threshold (a probability) for Youden's J: `z` (a logit) when it lies in one of the
+    intervals of thresholds that give a best cut-off i, (thr[i + 1], thr[i]]; else the middle, in
+    logit space, of the interval nearest to it."""
+    nearest: tuple[float, float] | None = None
+    for i in best:
+        hi = float(_logit(thr[i]))
+        lo = float(_logit(thr[i + 1])) if i + 1 < len(thr) else -math.inf
+        if lo < z <= hi:
+            return float(1 / (1 + math.exp(-z)))
+        mid = (lo + hi) / 2 if math.isfinite(lo) else hi
+        if nearest is None or abs(mid - z) < nearest[0]:
+            nearest = (abs(mid - z), mid)
+    assert nearest is not None  # best is never empty: J has a maximum
+    return float(1 / (1 + math.exp(-nearest[1])))
 
 
 def reliability_bins(probs: F64, y: I64, n_bins: int = ECE_BINS) -> list[dict[str, float]]:

@@ -36,7 +36,47 @@ def test_youden_threshold_lies_between_separable_classes() -> None:
     t, rule = choose_threshold(scores, positive)
     assert rule == "youden"
     assert 0.3 < t < 0.6
-    assert t == pytest.approx(0.45)  # halfway between the classes
+    # every threshold in (0.3, 0.6] separates them; the one taken lies, in logit space, equally
+    # many of each class's own standard deviations from its mean
+    z = np.log(scores / (1 - scores))
+    m0, m1 = z[:3].mean(), z[3:].mean()
+    s0, s1 = z[:3].std(ddof=1), z[3:].std(ddof=1)
+    assert (np.log(t / (1 - t)) - m0) / s0 == pytest.approx((m1 - np.log(t / (1 - t))) / s1)
+    assert t == pytest.approx(0.4085, abs=1e-4)
+
+
+def test_youden_threshold_sits_next_to_the_tight_class() -> None:
+    """Separated classes, the negatives tight and the positives spread: the threshold moves
+    towards the negatives, where the spread class's unseen scans can still fall above it."""
+    neg = np.array([0.10, 0.11, 0.12, 0.13])
+    pos = np.array([0.5, 0.8, 0.95, 0.99, 0.999])
+    scores = np.concatenate([neg, pos])
+    is_pos = np.arange(len(scores)) >= len(neg)
+    t, _ = choose_threshold(scores, is_pos)
+    assert 0.13 < t < 0.5
+    assert np.log(t / (1 - t)) < (np.log(0.13 / 0.87) + np.log(0.5 / 0.5)) / 2  # below the logit midpoint
+    # the mirror case moves it towards the positives
+    t2, _ = choose_threshold(1 - scores, ~is_pos)
+    assert t2 == pytest.approx(1 - t)
+
+
+def test_youden_threshold_outside_the_balanced_point_takes_the_middle_of_the_nearest_best_interval() -> None:
+    """Two ranges of thresholds tie on the best J, and the balanced logit falls in the worse range
+    between them: the threshold is the middle, in logit space, of the best-J interval nearest it."""
+    neg = np.array([0.1, 0.2, 0.3, 0.35])
+    pos = np.array([0.32, 0.4, 0.45, 0.5])
+    scores = np.concatenate([neg, pos])
+    is_pos = np.arange(len(scores)) >= len(neg)
+    # (0.3, 0.32]: all positives, one false positive; (0.35, 0.4]: three positives, none false;
+    # both J = 0.75. In (0.32, 0.35] J = 0.5, and the balanced logit lies there
+    z = np.log(scores / (1 - scores))
+    m0, m1, s0, s1 = z[:4].mean(), z[4:].mean(), z[:4].std(ddof=1), z[4:].std(ddof=1)
+    balanced = 1 / (1 + np.exp(-(m0 + (m1 - m0) * s0 / (s0 + s1))))
+    assert 0.32 < balanced <= 0.35
+    t, _ = choose_threshold(scores, is_pos)
+    logit = np.log(np.array([0.35, 0.4]) / (1 - np.array([0.35, 0.4])))
+    assert t == pytest.approx(1 / (1 + np.exp(-logit.mean())))  # the nearer interval, (0.35, 0.4]
+    assert np.mean(pos >= t) == 0.75 and np.mean(neg >= t) == 0.0
 
 
 def test_target_sensitivity_picks_the_highest_threshold_that_reaches_it() -> None:
