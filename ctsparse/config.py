@@ -134,7 +134,8 @@ class TrainConfig:
     # None: the other class when exactly one name is normal-like (normal, negative, healthy, ...),
     # else the second in sorted order (ctsparse/calibration.py).
     positive_class: str | None = None
-    # None: the threshold maximises Youden's J (sensitivity + specificity) on the validation split.
+    # None: the threshold maximises Youden's J (sensitivity + specificity) on the validation split;
+    # among thresholds that tie on it, the one balanced between the two classes' spreads.
     # A value (e.g. 0.9): the highest threshold whose validation sensitivity reaches it, for a
     # screening use where a missed finding costs more than a false alarm.
     target_sensitivity: float | None = None
