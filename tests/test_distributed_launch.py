@@ -88,16 +88,26 @@ def _kill_tree(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def _wait_for_epochs(proc: subprocess.Popen[str], history: Path, n: int, timeout: float = 300) -> float:
+def _wait_for_epochs(
+    proc: subprocess.Popen[str], history: Path, n: int, timeout: float = 300, poll: float = 0.02
+) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         rows = hist.read(history)
         if len(rows) >= n:
             return float(rows[-1]["epoch_time_s"])
         assert proc.poll() is None, f"torchrun ended (rc {proc.returncode}) before epoch {n}"
-        time.sleep(0.02)
+        time.sleep(poll)
     _kill_tree(proc.pid)
     raise AssertionError(f"no epoch {n} after {timeout} s")
+
+
+def _wait_for_file(proc: subprocess.Popen[str], path: Path, timeout: float = 60) -> None:
+    t0 = time.monotonic()
+    while not path.exists():
+        assert proc.poll() is None, f"torchrun ended (rc {proc.returncode}) before {path.name}"
+        assert time.monotonic() - t0 < timeout, f"no {path.name} after {timeout} s"
+        time.sleep(0.002)
 
 
 @pytest.mark.slow
@@ -109,11 +119,16 @@ def test_sigterm_to_one_rank_stops_both_then_resume_on_one_process(
     next all_reduce), last.pt holds that step, and one process resumes it, redoing that epoch
     from its start because the sharding changed."""
     out = tmp_path / "run"
-    cmd = [*_torchrun(1, 0, 2, _free_port()), *_train_args(tiny_dataset, out, 3)]
+    # steps of tens of ms (a finer grid, wider layers), so that the signal can be aimed inside
+    # epoch 2's steps; on a tiny model a whole epoch is shorter than the poll that watches it
+    slower = ["--set", "preprocess.spacing=[3, 3, 4]", "--set", "model.widths=[32, 64]"]
+    cmd = [*_torchrun(1, 0, 2, _free_port()), *_train_args(tiny_dataset, out, 3, *slower)]
     with open(tmp_path / "job.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), text=True)
     try:
-        epoch_s = _wait_for_epochs(proc, out / "history.csv", 1)
+        epoch_s = _wait_for_epochs(proc, out / "history.csv", 1, poll=0.002)
+        # history is written before last.pt, and a signal before last.pt stops at the boundary
+        _wait_for_file(proc, out / "last.pt")
         time.sleep(0.25 * epoch_s)  # inside epoch 2's steps (see test_crash_safety)
         os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)
         rc = proc.wait(timeout=120)  # both ranks reached the stop; no rank hangs
