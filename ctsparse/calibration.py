@@ -181,12 +181,16 @@ def _within_best(thr: F64, best: list[int], z: float) -> float:
         hi = float(_logit(thr[i]))
         lo = float(_logit(thr[i + 1])) if i + 1 < len(thr) else -math.inf
         if lo < z <= hi:
-            return float(1 / (1 + math.exp(-z)))
+            return _sigmoid(z)
         mid = (lo + hi) / 2 if math.isfinite(lo) else hi
         if nearest is None or abs(mid - z) < nearest[0]:
             nearest = (abs(mid - z), mid)
     assert nearest is not None  # best is never empty: J has a maximum
-    return float(1 / (1 + math.exp(-nearest[1])))
+    return _sigmoid(nearest[1])
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z))  # |z| <= 28: _logit clips probabilities at 1e-12
 
 
 def reliability_bins(probs: F64, y: I64, n_bins: int = ECE_BINS) -> list[dict[str, float]]:

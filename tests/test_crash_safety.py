@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from run_helpers import SLOWER
 
 from ctsparse.config import load_config
 from ctsparse.training import history as hist
@@ -34,9 +35,6 @@ SETS = [
     "train.patience=50",
 ]
 EPOCHS = 6
-# for the tests that aim a signal inside an epoch: a finer grid and wider layers than SETS, so that
-# a step takes ~25 ms, not ~2 (a 15 ms epoch is shorter than the poll that watches for it)
-SLOWER = ["--set", "preprocess.spacing=[3, 3, 4]", "--set", "model.widths=[32, 64]"]
 TIMING = {"epoch_time_s", "sites_per_s", "peak_rss_mb", "peak_cuda_mb"}
 RUN_FILES = {"best.pt", "last.pt", "history.csv", "config.yaml", "split.json", "metrics.json"}
 

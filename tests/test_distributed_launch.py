@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from run_helpers import SLOWER
 
 pytest.importorskip("MinkowskiEngine", reason="MinkowskiEngine is not installed: run scripts/setup.sh")
 
@@ -119,10 +120,7 @@ def test_sigterm_to_one_rank_stops_both_then_resume_on_one_process(
     next all_reduce), last.pt holds that step, and one process resumes it, redoing that epoch
     from its start because the sharding changed."""
     out = tmp_path / "run"
-    # steps of tens of ms (a finer grid, wider layers), so that the signal can be aimed inside
-    # epoch 2's steps; on a tiny model a whole epoch is shorter than the poll that watches it
-    slower = ["--set", "preprocess.spacing=[3, 3, 4]", "--set", "model.widths=[32, 64]"]
-    cmd = [*_torchrun(1, 0, 2, _free_port()), *_train_args(tiny_dataset, out, 3, *slower)]
+    cmd = [*_torchrun(1, 0, 2, _free_port()), *_train_args(tiny_dataset, out, 3, *SLOWER)]
     with open(tmp_path / "job.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), text=True)
     try:
