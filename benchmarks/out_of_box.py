@@ -7,8 +7,9 @@ For each data seed S:
    `--spacing` passes another voxel size to both sets);
 2. `ctsparse phantoms WORK/sS/test --n N_TEST --seed TEST_BASE+S`: held-out phantoms from seeds
    that neither the planner nor any default was tuned on (TEST_BASE defaults to 6000; the defaults
-   were chosen on data seeds 11-14 and test seeds 12-15, and the blob filter's clip on test seed
-   5000, among others, so 5000 + S is a tuning seed now);
+   were chosen on data seeds 11-14 and 31-33 and test seeds 12-15 and 32, the blob filter's clip
+   on test seed 5000, and the threshold rule on test seeds 6000-6002, so pass data seeds from 3
+   on for a held-out figure; benchmarks/quality.py lists every tuning seed);
 3. `ctsparse train WORK/sS/train --out WORK/sS/run` with no config: the planner decides;
 4. `ctsparse evaluate WORK/sS/run/best.pt WORK/sS/test`: accuracy etc. with bootstrap CIs.
 Each step runs in its own process and its wall time is recorded. A data seed whose result.json

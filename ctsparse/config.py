@@ -69,6 +69,12 @@ class PreprocessConfig:
     # maxima are then carried to the resampled voxels they fall in), or always "resampled".
     # Resampling first blurs a nodule of two or three voxels before the filter sees it.
     blob_grid: Literal["scan", "resampled"] = "scan"
+    # With the blob channel, the candidate stage of lung-nodule CAD: keep only the sites within
+    # blob_candidate_mm of the scan's blob_candidates strongest blob maxima (picked greedily, each
+    # at least blob_candidate_mm from the others), so the network compares a few dozen round
+    # things (nodules, vessel junctions) instead of reading the whole lung. 0 keeps every site.
+    blob_candidates: int = 0
+    blob_candidate_mm: float = 12.0
     # Normalization: (HU - center) / scale. 1000 maps the window [-1000, 1000] to [-1, 1].
     hu_center: float = 0.0
     hu_scale: float = 1000.0
@@ -244,6 +250,12 @@ def validate_section(obj: Any, prefix: str) -> None:
             raise ConfigError(f"{p}lung_grid_mm", "must be > 0 (mm) or null")
         if obj.hu_scale <= 0:
             raise ConfigError(f"{p}hu_scale", "must be > 0")
+        if obj.blob_candidates < 0:
+            raise ConfigError(f"{p}blob_candidates", "must be >= 0 (0 keeps every site)")
+        if obj.blob_candidates > 0 and not obj.blob_channel:
+            raise ConfigError(f"{p}blob_candidates", "needs preprocess.blob_channel: true (or set it to 0)")
+        if obj.blob_candidate_mm <= 0:
+            raise ConfigError(f"{p}blob_candidate_mm", "must be > 0 (mm)")
     elif isinstance(obj, ModelConfig):
         if obj.backend not in available():
             known = ", ".join(available())

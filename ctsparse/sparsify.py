@@ -178,6 +178,25 @@ def _blob_channel(dense: FloatArray, coords: npt.NDArray[np.int32], cfg: Preproc
     return dense[coords[:, 0], coords[:, 1], coords[:, 2]]
 
 
+def candidate_sites(
+    coords: npt.NDArray[np.int32], score: FloatArray, site_mm: Any, k: int, radius_mm: float
+) -> BoolArray:
+    """The sites within radius_mm of the k strongest maxima of `score`, picked greedily: the
+    highest remaining site, then everything within radius_mm of it is no longer a candidate."""
+    pos = coords.astype(np.float32) * np.asarray(site_mm, dtype=np.float32)
+    free = np.ones(len(score), dtype=bool)
+    near = np.zeros(len(score), dtype=bool)
+    r2 = np.float32(radius_mm * radius_mm)
+    for _ in range(k):
+        if not free.any():
+            break
+        i = int(np.flatnonzero(free)[np.argmax(score[free])])
+        ball = ((pos - pos[i]) ** 2).sum(axis=1) <= r2
+        near |= ball
+        free &= ~ball
+    return near
+
+
 def _lungs(
     source: str, hu: FloatArray, body: BoolArray, affine: npt.NDArray[np.float64], cfg: PreprocessConfig
 ) -> BoolArray:
@@ -280,6 +299,10 @@ def sparsify(volume: Volume, cfg: PreprocessConfig) -> SparseVolume:
             feats = np.ascontiguousarray(
                 np.concatenate([feats, _blob_channel(dense, coords, cfg)[:, None]], axis=1)
             )
+        if cfg.blob_candidates > 0:
+            site_mm = np.linalg.norm(affine[:3, :3], axis=0)
+            near = candidate_sites(coords, feats[:, -1], site_mm, cfg.blob_candidates, cfg.blob_candidate_mm)
+            coords, feats = coords[near], np.ascontiguousarray(feats[near])
     n_in_grid = int(np.prod(stats["grid_shape_resampled"]))
     spacing_in = volume.meta.get("resampled_from", {}).get("spacing", volume.spacing)
     stats["spacing_in"] = [round(float(s), 6) for s in spacing_in]  # the scan's own voxel size (mm)

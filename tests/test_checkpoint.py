@@ -122,10 +122,12 @@ def test_a_checkpoint_older_than_a_config_key_keeps_the_value_it_was_trained_wit
     assert raw["config"]["preprocess"]["blob_hu_max"] == -100.0  # today's defaults are written
     assert raw["config"]["preprocess"]["lung_grid_mm"] == 2.0
     assert raw["config"]["preprocess"]["blob_grid"] == "scan"
-    for key in ("blob_hu_max", "lung_grid_mm", "blob_grid"):
+    assert raw["config"]["preprocess"]["blob_candidates"] == 0
+    for key in ("blob_hu_max", "lung_grid_mm", "blob_grid", "blob_candidates"):
         del raw["config"]["preprocess"][key]
     torch.save(raw, path)
     old = load_checkpoint(path).config.preprocess
     assert old.blob_hu_max == 200.0
     assert old.lung_grid_mm is None  # the lung region on the scan's own grid, as it was computed
     assert old.blob_grid == "resampled"  # the blob filter after resampling, as it was computed
+    assert old.blob_candidates == 0  # every site, as before the candidate stage existed

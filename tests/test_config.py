@@ -84,6 +84,9 @@ def test_overrides_are_typed_and_applied() -> None:
         (["preprocess.body_mask=3"], "preprocess.body_mask"),
         (["preprocess.threshold_max=-900"], "preprocess.threshold_max"),
         (["model.widths=[8]"], "model.widths"),
+        (["preprocess.blob_candidates=8"], "preprocess.blob_candidates"),  # without the blob channel
+        (["preprocess.blob_channel=true", "preprocess.blob_candidates=-1"], "preprocess.blob_candidates"),
+        (["preprocess.blob_candidate_mm=0"], "preprocess.blob_candidate_mm"),
         (["noequals"], "noequals"),
     ],
 )

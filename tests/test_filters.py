@@ -7,7 +7,7 @@ import numpy as np
 from ctsparse.config import AugmentConfig, PreprocessConfig
 from ctsparse.data import augment
 from ctsparse.filters import dot_enhancement, symmetric_eigenvalues
-from ctsparse.sparsify import sparsify
+from ctsparse.sparsify import candidate_sites, sparsify
 from ctsparse.volume import Volume
 
 HU_MAX = PreprocessConfig().blob_hu_max  # the default the pipeline passes
@@ -145,3 +145,37 @@ def test_the_blob_filter_runs_on_the_scans_own_grid_before_a_coarse_resampling()
     fine = PreprocessConfig(blob_channel=True, spacing=[0.96, 0.96, 1.25])
     assert not blob_on_scan_grid(fine) and read_spacing(fine) == [0.96, 0.96, 1.25]
     assert read_spacing(PreprocessConfig(spacing=coarse)) == coarse  # no blob channel
+
+
+def test_candidate_sites_keep_the_balls_around_the_strongest_separate_maxima():
+    # a row of sites 1 mm apart with three peaks: 9.0 at x=10, 8.0 at x=12 (2 mm from the first:
+    # the same candidate), 5.0 at x=40
+    coords = np.zeros((60, 3), dtype=np.int32)
+    coords[:, 0] = np.arange(60)
+    score = np.zeros(60, dtype=np.float32)
+    score[[10, 12, 40]] = [9.0, 8.0, 5.0]
+    near = candidate_sites(coords, score, (1.0, 1.0, 1.0), k=2, radius_mm=3.0)
+    assert np.flatnonzero(near).tolist() == [7, 8, 9, 10, 11, 12, 13, 37, 38, 39, 40, 41, 42, 43]
+    one = candidate_sites(coords, score, (1.0, 1.0, 1.0), k=1, radius_mm=3.0)
+    assert np.flatnonzero(one).tolist() == list(range(7, 14))
+    # the radius is in mm: 2 mm sites along x halve the number of sites in reach
+    two_mm = candidate_sites(coords, score, (2.0, 1.0, 1.0), k=1, radius_mm=3.0)
+    assert np.flatnonzero(two_mm).tolist() == [9, 10, 11]
+
+
+def test_sparsify_with_blob_candidates_keeps_the_ball_and_drops_the_far_tube():
+    hu = _lung_with(ball=True, tube=True)
+    hu[:, :, :2] = 40.0
+    vol = Volume(hu, np.eye(4), "blob.nii.gz")
+    base = PreprocessConfig(
+        threshold=-500, body_mask=False, features="patch", patch_size=2, blob_channel=True
+    )
+    every = sparsify(vol, base)
+    few = sparsify(vol, PreprocessConfig(**{**base.__dict__, "blob_candidates": 1, "blob_candidate_mm": 6.0}))
+    site_of = {tuple(c): i for i, c in enumerate(every.coords.tolist())}
+    kept = {tuple(c) for c in few.coords.tolist()}
+    assert (6, 10, 10) in kept and (14, 10, 10) not in kept  # the ball's block, not the tube's
+    assert 0 < few.n_sites < every.n_sites / 4
+    assert few.stats["sites"] == few.n_sites
+    for c, f in zip(few.coords.tolist(), few.feats, strict=True):  # kept sites keep their features
+        np.testing.assert_array_equal(f, every.feats[site_of[tuple(c)]])

@@ -51,6 +51,8 @@ def test_hu_chest_phantoms_plan_hu_defaults_and_the_lung_region(chest_fp: Finger
         and "region=body" in v["preprocess.region"].reason
     )
     assert v["preprocess.blob_channel"].value is True and v["model.input_pooling"].value is True
+    assert (v["preprocess.blob_candidates"].value, v["preprocess.blob_candidate_mm"].value) == (32, 12.0)
+    assert "strongest round-lesion maxima" in v["preprocess.blob_candidates"].reason
     assert v["preprocess.body_mask"].value is True
     assert v["model.kernel"].value == "cross" and "not measured" in v["model.kernel"].reason
     assert not plan.measured and not plan.notes
