@@ -7,7 +7,8 @@
    held-out seed that no default, planner rule or earlier benchmark used; its findings.csv gives
    each nodule's centre (RAS+ mm) and radius.
 2. `ctsparse train WORK/train --out WORK/run_NAME --workers 2 --set train.max_minutes=M` with no
-   config (the planner decides) for each model NAME of MODELS: the planned sparse model, the dense
+   config (the planner decides, with its candidate stage off: WHOLE_LUNG) for each model NAME of
+   MODELS: the planned sparse model, the dense
    twin with --set model.backend=dense, and (a check of Grad-CAM itself) the sparse network
    without input pooling. Runs already there are reused (or --checkpoint NAME=PATH).
 3. For each model, every test scan is explained (ctsparse.explain.explain_volume) with
@@ -43,13 +44,17 @@ METHODS = ("gradcam", "inputxgrad", "occlusion")
 # Grad-CAM of the last stage's map alone (without the input-pooling map the head also reads)
 LAST_ONLY = "gradcam_last_stage"
 TRAIN_SEED, TEST_SEED = 21, 7021
+# Every model sees the whole lung region: with the planner's candidate stage a saliency peak could
+# only fall in the 32 balls around the strongest blobs, which would score the candidate stage
+# rather than the explanation method.
+WHOLE_LUNG = ["preprocess.blob_candidates=0"]
 # name -> the --set overrides of its `ctsparse train` on top of the planned settings
 MODELS = {
-    "sparse": [],
-    "dense": ["model.backend=dense"],
+    "sparse": [*WHOLE_LUNG],
+    "dense": [*WHOLE_LUNG, "model.backend=dense"],
     # a check of Grad-CAM itself: without input pooling the whole answer passes the last stage
     # (trained on the minkowski engine, the same network, which trains it faster on this CPU)
-    "sparse_no_input_pooling": ["model.input_pooling=false", "model.backend=minkowski"],
+    "sparse_no_input_pooling": [*WHOLE_LUNG, "model.input_pooling=false", "model.backend=minkowski"],
 }
 
 
