@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from ctsparse.config import Config, load_config, to_dict
 from ctsparse.plan import Budget, Fingerprint, Measurements, fingerprint, make_plan, resolve_config
 from ctsparse.plan.intensity import kind_of, otsu
 from ctsparse.plan.measure import StepFigure
-from ctsparse.plan.rules import CROSS_SPEEDUP
+from ctsparse.plan.rules import BLOB_CANDIDATES, CROSS_SPEEDUP, FOCAL_AUROC, blob_separation
 from tests.plan_helpers import write_dataset
 
 BUDGET = Budget(device="cpu", memory_bytes=8 << 30, train_minutes=10.0, site_budget=40_000)
@@ -51,14 +52,54 @@ def test_hu_chest_phantoms_plan_hu_defaults_and_the_lung_region(chest_fp: Finger
         and "region=body" in v["preprocess.region"].reason
     )
     assert v["preprocess.blob_channel"].value is True and v["model.input_pooling"].value is True
-    assert (v["preprocess.blob_candidates"].value, v["preprocess.blob_candidate_mm"].value) == (32, 12.0)
-    assert "strongest round-lesion maxima" in v["preprocess.blob_candidates"].reason
+    # every scan with lungs has its strongest blob measured; the candidate stage follows it
+    assert all(s.blob_max is not None and s.blob_max > 0 for s in fp.scans)
+    sep = blob_separation(fp)
+    assert sep is not None and sep[2] == 6
+    focal = sep[0] >= FOCAL_AUROC
+    assert v["preprocess.blob_candidates"].value == (BLOB_CANDIDATES if focal else 0)
+    assert f"AUROC {sep[0]:.2f} on 6 read scans" in v["preprocess.blob_candidates"].reason
     assert v["preprocess.body_mask"].value is True
     assert v["model.kernel"].value == "cross" and "not measured" in v["model.kernel"].reason
     assert not plan.measured and not plan.notes
     assert all(p.reason for p in v.values())
     cfg = resolve_config(v)  # every planned value is a valid config value
     assert cfg.preprocess.region == "lungs"
+
+
+@pytest.mark.parametrize(
+    ("labels", "blob", "planned", "said"),
+    [
+        # the nodule scans hold the three strongest blobs: AUROC 1
+        (
+            ["normal"] * 3 + ["nodule"] * 3,
+            [0.1, 0.2, 0.3, 0.9, 1.0, 1.1],
+            BLOB_CANDIDATES,
+            "(AUROC 1.00 on 6",
+        ),
+        # interleaved: nodule 5 of 9 pairs, normal 4 of 9
+        (
+            ["normal", "nodule", "nodule", "normal", "normal", "nodule"],
+            [1, 2, 3, 4, 5, 6],
+            0,
+            "(AUROC 0.56 on 6",
+        ),
+        # a class with only two measured scans (no lungs in the third): nothing to compare
+        (["normal"] * 3 + ["nodule"] * 3, [0.1, 0.2, 0.3, 0.9, 1.0, None], 0, "fewer than 3 scans per class"),
+    ],
+)
+def test_the_candidate_stage_is_planned_for_a_focal_finding_only(
+    chest_fp: Fingerprint, labels: list[str], blob: list[float | None], planned: int, said: str
+) -> None:
+    scans = tuple(
+        dataclasses.replace(s, label=lab, blob_max=b)
+        for s, lab, b in zip(chest_fp.scans, labels, blob, strict=True)
+    )
+    v = make_plan(dataclasses.replace(chest_fp, scans=scans), None, BUDGET).values
+    assert v["preprocess.blob_candidates"].value == planned
+    assert said in v["preprocess.blob_candidates"].reason
+    assert ("preprocess.blob_candidate_mm" in v) == (planned > 0)
+    resolve_config(v)  # valid either way
 
 
 def test_uint8_volumes_get_a_histogram_threshold_and_say_they_are_not_hu(tmp_path: Path) -> None:

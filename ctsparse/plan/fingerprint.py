@@ -2,7 +2,8 @@
 
 Two passes over a seeded, class-stratified subsample of the scans:
 1. each scan at its own grid: spacing, shape, value statistics (ctsparse/plan/intensity.py), and
-   for HU data a lung check on a coarse copy (ctsparse/regions.py);
+   for HU data a lung check on a coarse copy (ctsparse/regions.py), with the strongest blob-filter
+   response inside the lungs found (ctsparse/filters.py);
 2. a few of them again at the dataset's median spacing: how many sparse sites survive the
    threshold that the values imply (the HU body threshold, or the histogram's Otsu threshold), in
    the body and in the lung region, for each candidate patch size.
@@ -49,6 +50,8 @@ class ScanFacts:
     lungs_found: bool = False
     lung_ml: float | None = None
     lung_note: str = ""
+    # the strongest response of the blob (dot) filter inside the lungs, on the lung check's grid
+    blob_max: float | None = None
     sites: dict[str, dict[str, int]] | None = None  # region -> patch size -> sites (pass 2 only)
 
 
@@ -129,7 +132,23 @@ def _lung_check(vol: Volume) -> tuple[dict[str, Any], Any]:
     except NoRegionError as exc:
         return {"lungs_found": False, "lung_note": str(exc)}, None
     ml = float(np.count_nonzero(lungs)) * float(np.prod(target)) / 1000.0
-    return {"lungs_found": True, "lung_ml": round(ml, 1)}, (lungs, aff)
+    return {"lungs_found": True, "lung_ml": round(ml, 1), "blob_max": _blob_max(arr, lungs, target)}, (
+        lungs,
+        aff,
+    )
+
+
+def _blob_max(hu: npt.NDArray[np.float32], lungs: npt.NDArray[np.bool_], spacing: list[float]) -> float:
+    """The strongest dot-filter response among the lung voxels denser than aerated lung: how
+    round and how large the roundest thing in the lungs is (a nodule, else a vessel junction)."""
+    from ctsparse.filters import dot_enhancement
+    from ctsparse.plan.rules import LUNG_THRESHOLD_HU
+
+    at = lungs & (hu >= LUNG_THRESHOLD_HU)
+    if not at.any():
+        return 0.0
+    cfg = PreprocessConfig()
+    return round(float(dot_enhancement(hu, spacing, cfg.blob_scales_mm, at, cfg.blob_hu_max).max()), 4)
 
 
 def _occupied_blocks(grid: npt.NDArray[np.bool_]) -> dict[str, int]:
