@@ -5,7 +5,7 @@
 # profile of the bundled samples (data_samples/: NIfTI and DICOM), a short sparse-vs-dense
 # benchmark, and a summary. The phantoms carry 10-20 mm nodules, as the bundled samples do, on a
 # 3.65 x 3.65 x 5 mm grid (the default phantoms, 6-20 mm nodules at 2.5 mm, need the planner's
-# 10-minute training: see docs/benchmarks.md). About 5 minutes on 2 cores.
+# 10-minute training: see docs/benchmarks.md). About 2-4 minutes on 2 cores.
 # Outputs go to runs/demo/ (or the folder given as the first argument).
 set -euo pipefail
 cd "$(dirname "$0")/.."
