@@ -300,9 +300,12 @@ def sparsify(volume: Volume, cfg: PreprocessConfig) -> SparseVolume:
                 np.concatenate([feats, _blob_channel(dense, coords, cfg)[:, None]], axis=1)
             )
         if cfg.blob_candidates > 0:
-            site_mm = np.linalg.norm(affine[:3, :3], axis=0)
-            near = candidate_sites(coords, feats[:, -1], site_mm, cfg.blob_candidates, cfg.blob_candidate_mm)
-            coords, feats = coords[near], np.ascontiguousarray(feats[near])
+            with stage(times, "candidates"):
+                site_mm = np.linalg.norm(affine[:3, :3], axis=0)
+                near = candidate_sites(
+                    coords, feats[:, -1], site_mm, cfg.blob_candidates, cfg.blob_candidate_mm
+                )
+                coords, feats = coords[near], np.ascontiguousarray(feats[near])
     n_in_grid = int(np.prod(stats["grid_shape_resampled"]))
     spacing_in = volume.meta.get("resampled_from", {}).get("spacing", volume.spacing)
     stats["spacing_in"] = [round(float(s), 6) for s in spacing_in]  # the scan's own voxel size (mm)
