@@ -34,7 +34,8 @@ SITE_SCANS = 8  # of those, re-read at the median spacing to count sites
 # 10 mm ball) at 0.7 mm would take minutes per scan, and their volume needs no fine grid.
 LUNG_CHECK_MM = 3.0
 PATCH_SIZES = (1, 2, 4, 8)
-HU_THRESHOLDS = (-700.0, -500.0, -300.0, 200.0)  # lung-nodule, body, soft tissue, bone
+LUNG_TISSUE_HU = -700.0  # denser than aerated lung: vessels, nodules (the lung region's threshold)
+HU_THRESHOLDS = (LUNG_TISSUE_HU, -500.0, -300.0, 200.0)  # lung-nodule, body, soft tissue, bone
 
 Event = Callable[[str, dict[str, Any]], None]
 
@@ -142,9 +143,8 @@ def _blob_max(hu: npt.NDArray[np.float32], lungs: npt.NDArray[np.bool_], spacing
     """The strongest dot-filter response among the lung voxels denser than aerated lung: how
     round and how large the roundest thing in the lungs is (a nodule, else a vessel junction)."""
     from ctsparse.filters import dot_enhancement
-    from ctsparse.plan.rules import LUNG_THRESHOLD_HU
 
-    at = lungs & (hu >= LUNG_THRESHOLD_HU)
+    at = lungs & (hu >= LUNG_TISSUE_HU)
     if not at.any():
         return 0.0
     cfg = PreprocessConfig()

@@ -11,13 +11,16 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ctsparse.config import AugmentConfig, PreprocessConfig
 from ctsparse.meters import format_bytes
-from ctsparse.plan.fingerprint import PATCH_SIZES, Fingerprint
+from ctsparse.plan.fingerprint import LUNG_TISSUE_HU, PATCH_SIZES, Fingerprint
 from ctsparse.plan.intensity import KIND_TEXT
 from ctsparse.plan.measure import Machine, Measurements
 from ctsparse.plan.records import Plan, Planned
 from ctsparse.plan.summary import median_sites, summarize
+from ctsparse.training.metrics import auroc
 
 # Grid and patch size. The median scan should give the network at most this many sites: a training
 # step of the default network took about 30 µs per site with the cube kernel and 12 µs with the
@@ -55,7 +58,7 @@ LR_AT_BATCH_8 = 0.005
 # The lung region keeps what is denser than aerated lung: vessels, airways' walls and nodules,
 # with their partial-volume rim (a 6 mm nodule on a 2-4 mm grid peaks well below soft tissue).
 # The window maps -900..+100 HU, lung to soft tissue, to [-1, 1].
-LUNG_THRESHOLD_HU = -700.0
+LUNG_THRESHOLD_HU = LUNG_TISSUE_HU
 LUNG_CENTER_HU, LUNG_SCALE_HU = -400.0, 500.0
 # Candidate stage (preprocess.blob_candidates): on 2.5 mm chest phantoms the nodule of a nodule
 # scan ranks among the few strongest blob maxima, so 32 balls of 12 mm keep it with its
@@ -212,21 +215,14 @@ def blob_separation(fp: Fingerprint) -> tuple[float, str, int] | None:
     """How well the strongest blob in the lungs tells one class from the rest: the largest
     one-vs-rest AUROC of the read scans' blob_max, with its class and the number of scans; None
     with fewer than MIN_PER_CLASS measured scans in some class."""
-    by_class: dict[str, list[float]] = {}
-    for s in fp.scans:
-        if s.blob_max is not None:
-            by_class.setdefault(s.label, []).append(s.blob_max)
-    if len(by_class) < 2 or min(len(v) for v in by_class.values()) < MIN_PER_CLASS:
+    measured = [s for s in fp.scans if s.blob_max is not None]
+    labels = np.array([s.label for s in measured])
+    values = np.array([s.blob_max for s in measured], dtype=np.float64)
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(classes) < 2 or counts.min() < MIN_PER_CLASS:
         return None
-    best: tuple[float, str, int] | None = None
-    n = sum(len(v) for v in by_class.values())
-    for c, mine in by_class.items():
-        rest = [x for k, v in by_class.items() if k != c for x in v]
-        wins = sum((a > b) + 0.5 * (a == b) for a in mine for b in rest)
-        auc = wins / (len(mine) * len(rest))
-        if best is None or auc > best[0]:
-            best = (auc, c, n)
-    return best
+    auc, c = max((auroc(values, labels == c), str(c)) for c in classes)
+    return auc, c, len(measured)
 
 
 def _candidates(fp: Fingerprint) -> dict[str, Planned]:
