@@ -48,9 +48,9 @@ from typing import IO, Any
 
 # Phantom seeds on which configs and planner constants were chosen (32, 1000, 3000 and 5000: the
 # blob filter's clip; 5000-5002: the network's depth and width; 6000-6002: how the Youden threshold
-# is picked among ties; 31-33: the default voxel size, phantom count and candidate stage): a test
-# figure on them is a tuning figure.
-TUNING_SEEDS = {1, 2, 11, 12, 13, 14, 31, 32, 33, 1000, 3000, 5000, 5001, 5002, 6000, 6001, 6002}
+# is picked among ties; 31-33: the default voxel size, phantom count and candidate stage; 77-78:
+# the patch rule for thick slices): a test figure on them is a tuning figure.
+TUNING_SEEDS = {1, 2, 11, 12, 13, 14, 31, 32, 33, 77, 78, 1000, 3000, 5000, 5001, 5002, 6000, 6001, 6002}
 CTSPARSE = [sys.executable, "-m", "ctsparse"]
 METRICS = ("accuracy", "balanced_accuracy", "auroc", "sensitivity", "specificity")
 Row = dict[str, Any]

@@ -153,6 +153,22 @@ def test_site_budget_coarsens_the_grid_and_picks_the_patch(tmp_path: Path) -> No
     assert tight["preprocess.spacing"].value[0] > 1.0 and "coarsened" in tight["preprocess.spacing"].reason
 
 
+def test_thick_slices_get_no_patch_and_a_coarser_in_plane_grid_instead(tmp_path: Path) -> None:
+    # 0.8 x 0.8 x 5 mm: a 2^3 patch would make 1.6 x 1.6 x 10 mm sites, deeper than the 8 mm limit
+    fp = fingerprint(write_dataset(tmp_path, "uint8", [(0.8, 0.8, 5.0)]))
+    n1 = fp.scans[0].sites["body"]["1"]  # type: ignore[index]
+    roomy = make_plan(fp, None, BUDGET).values
+    assert roomy["preprocess.patch_size"].value == 1 and roomy["preprocess.features"].value == "hu"
+    assert roomy["preprocess.spacing"].value == [0.8, 0.8, 5.0]
+    tight = make_plan(fp, None, Budget(site_budget=int(n1 // 4))).values
+    assert tight["preprocess.patch_size"].value == 1
+    assert "1.6 x 1.6 x 10.0 mm sites" in tight["preprocess.patch_size"].reason
+    # about a quarter of the sites: about twice the in-plane spacing, the slices kept
+    sp = tight["preprocess.spacing"].value
+    assert sp[0] == sp[1] and 1.5 < sp[0] < 1.7 and sp[2] == 5.0
+    assert "in-plane coarsened from 0.8" in tight["preprocess.spacing"].reason
+
+
 def _measured(fp: Fingerprint, cube_s: float, cross_s: float, k: int) -> Measurements:
     steps = [
         StepFigure(kernel, k, 5000, k**3, t, [t] * 3, 50 << 20)

@@ -27,8 +27,12 @@ from ctsparse.training.metrics import auroc
 # cross on a 2-core CPU (phantoms, 2^3 patches), so 30 k sites is about 1 s per scan and step; a
 # GPU is assumed to take ten times more in the same time.
 SITE_BUDGET = {"cpu": 30_000, "cuda": 300_000}
-# Coarsest input grid (patch size x in-plane spacing): at 8 mm a 6 mm nodule still fills most of
-# one site; coarser sites average it away. Masks carry shape only and tolerate twice that.
+# Coarsest input grid (patch size x the coarsest spacing, slice spacing included): at 8 mm a 6 mm
+# nodule still fills most of one site; coarser sites average it away. Masks carry shape only and
+# tolerate twice that. Slices thicker than half the limit therefore get no patch: every voxel is a
+# site, and the in-plane spacing is coarsened instead when the site budget needs it. On 5 mm
+# phantoms 4^3 patches (3 x 3 x 20 mm sites) gave 76 % held-out, every voxel of a 2.53 x 2.53 x 5
+# mm grid 94 % (docs/benchmarks.md, "Thick slices").
 MAX_INPUT_MM = 8.0
 MAX_INPUT_MM_MASK = 16.0
 PATCH_CANDIDATES = (2, 4)
@@ -256,6 +260,11 @@ def _candidates(fp: Fingerprint) -> dict[str, Planned]:
     return out
 
 
+def site_text(spacing: list[float], k: int) -> str:
+    """A site's size in mm per axis, e.g. "3.0 x 3.0 x 20.0" for k = 4 on 0.75 x 0.75 x 5 mm."""
+    return " x ".join(f"{k * v:.1f}" for v in spacing)
+
+
 def _grid(fp: Fingerprint, region: str, budget: Budget) -> dict[str, Planned]:
     spacing = [float(v) for v in fp.analysis_spacing]
     sc = fp.scans
@@ -269,30 +278,37 @@ def _grid(fp: Fingerprint, region: str, budget: Budget) -> dict[str, Planned]:
     else:
         sp_why = f"all {fp.n_read} read scans are {txt} mm: new scans are resampled to it at predict"
     sites = {k: median_sites(fp, region, k) for k in PATCH_SIZES}
-    inplane = max(spacing[:2])
+    inplane, coarsest = max(spacing[:2]), max(spacing)
     mask = fp.kind == "mask"
     limit = MAX_INPUT_MM_MASK if mask else MAX_INPUT_MM
     cands = PATCH_CANDIDATES_MASK if mask else PATCH_CANDIDATES
     budget_txt = f"the {budget.site_budget:,} site budget ({budget.device})"
     s1 = sites[1]
+    allowed = [c for c in cands if c * coarsest <= limit]
     if s1 is None:
         k, k_why = 2, "no site counts (no scan could be sparsified at the median spacing): the default 2"
-    elif s1 <= TINY_SITES or (2 * inplane > limit and s1 <= budget.site_budget):
+    elif s1 <= TINY_SITES or (not allowed and s1 <= budget.site_budget):
         k, k_why = 1, f"the median scan keeps {s1:,.0f} voxels at {txt} mm: every voxel is a site"
     else:
-        allowed = [c for c in cands if c * inplane <= limit] or [cands[0]]
-        fits = [c for c in allowed if (sites[c] or 0) <= budget.site_budget]
-        k = fits[0] if fits else allowed[-1]
-        n_k = sites[k] or 0.0
-        k_why = (
-            f"{k}^3 voxels per site: median {n_k:,.0f} sites per scan, input grid {k * inplane:.1f} mm "
-            f"(limit {limit:g} mm)"
-        )
-        if fits:
-            k_why += f"; the smallest patch within {budget_txt}"
-        else:
+        if allowed:
+            fits = [c for c in allowed if (sites[c] or 0) <= budget.site_budget]
+            k = fits[0] if fits else allowed[-1]
+            n_k = sites[k] or 0.0
+            k_why = (
+                f"{k}^3 voxels per site: median {n_k:,.0f} sites per scan, input grid "
+                f"{site_text(spacing, k)} mm (limit {limit:g} mm)"
+            )
+            if fits:
+                k_why += f"; the smallest patch within {budget_txt}"
+        else:  # thick slices: a patch would stack them into sites deeper than the limit
+            k, n_k, fits = 1, s1, []
+            k_why = (
+                f"every voxel is a site: a {cands[0]}^3 patch would make {site_text(spacing, cands[0])} mm "
+                f"sites (limit {limit:g} mm) out of {coarsest:g} mm voxels"
+            )
+        if not fits:
             factor = math.sqrt(n_k / budget.site_budget)
-            new = math.ceil(inplane * factor * 100) / 100
+            new = min(math.ceil(inplane * factor * 100) / 100, limit / k)
             spacing[0] = spacing[1] = new
             sp_why += (
                 f"; in-plane coarsened from {inplane:g} to {new:g} mm: {n_k:,.0f} sites at k={k} exceed "
@@ -318,7 +334,7 @@ def measure_candidates(fp: Fingerprint, budget: Budget) -> list[tuple[str, int]]
     pre = plan_preprocess(fp, budget)
     k = int(pre["preprocess.patch_size"].value)
     region = str(pre["preprocess.region"].value)
-    inplane = max(pre["preprocess.spacing"].value[:2])
+    coarsest = max(pre["preprocess.spacing"].value)
     mask = fp.kind == "mask"
     limit = MAX_INPUT_MM_MASK if mask else MAX_INPUT_MM
     sizes = (
@@ -328,7 +344,7 @@ def measure_candidates(fp: Fingerprint, budget: Budget) -> list[tuple[str, int]]
         | {
             c
             for c in (PATCH_CANDIDATES_MASK if mask else PATCH_CANDIDATES)
-            if c * inplane <= limit and (median_sites(fp, region, c) or math.inf) <= budget.site_budget
+            if c * coarsest <= limit and (median_sites(fp, region, c) or math.inf) <= budget.site_budget
         }
     )
     # the planned size first and the cube (the larger) before the cross: see measure_device
@@ -432,7 +448,7 @@ def _epoch_seconds(fp: Fingerprint, step_s: float) -> float:
 def _coarser_patch(fp: Fingerprint, meas: Measurements, budget: Budget, values: dict[str, Planned]) -> None:
     """Move to the next measured patch size when the planned one leaves too few epochs."""
     k = int(values["preprocess.patch_size"].value)
-    inplane = max(values["preprocess.spacing"].value[:2])
+    spacing = [float(v) for v in values["preprocess.spacing"].value]
     limit = MAX_INPUT_MM_MASK if fp.kind == "mask" else MAX_INPUT_MM
     budget_s = budget.train_minutes * 60
 
@@ -444,9 +460,10 @@ def _coarser_patch(fp: Fingerprint, meas: Measurements, budget: Budget, values: 
     if k <= 1 or first == 0.0 or first >= MIN_EPOCHS_IN_BUDGET:
         return
     for bigger in sorted({s.patch_size for s in meas.steps if s.patch_size > k}):
-        if bigger * inplane <= limit and epochs(bigger) > first:
+        if bigger * max(spacing) <= limit and epochs(bigger) > first:
             why = (
-                f"{bigger}^3 voxels per site, input grid {bigger * inplane:.1f} mm (limit {limit:g} mm): "
+                f"{bigger}^3 voxels per site, input grid {site_text(spacing, bigger)} mm "
+                f"(limit {limit:g} mm): "
                 f"{k}^3 would fit {first:.0f} epochs into the {budget.train_minutes:g} min budget, "
                 f"{bigger}^3 fits {epochs(bigger):.0f} (measured; {MIN_EPOCHS_IN_BUDGET} wanted)"
             )
