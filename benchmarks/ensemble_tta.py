@@ -6,15 +6,18 @@ averaged in, and their ensemble, on one labelled folder.
 For every checkpoint: AUROC and accuracy (at its stored operating threshold) of its calibrated
 probability of the positive class, and of the mean of that probability on the scan and on the scan
 flipped left-right (the flip of training's augmentation, exact on the grid). With several
-checkpoints, the same for the mean of their probabilities, at the mean of their thresholds. The
-checkpoints must share their preprocessing (each scan is sparsified once per checkpoint anyway).
+checkpoints, the same for the mean of their probabilities, at the mean of their thresholds. Each
+scan is sparsified once per distinct preprocessing among the checkpoints.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -24,11 +27,21 @@ from ctsparse.calibration import Decision
 from ctsparse.collate import collate
 from ctsparse.data.augment import AugmentParams, apply
 from ctsparse.models.checkpoint import build_from_checkpoint
+from ctsparse.sparse_volume import SparseVolume
 from ctsparse.sparsify import sparsify_cached
 from ctsparse.training.metrics import auroc
 
 F64 = npt.NDArray[np.float64]
 FLIP = AugmentParams(flip_lr=True, angle_rad=0.0, scale=1.0, hu_shift=0.0)
+# (preprocessing as JSON, scan path) -> its sparse volume, shared by checkpoints that agree
+SPARSE: dict[tuple[str, str], SparseVolume] = {}
+
+
+def sparse(path: Path, cfg: Any) -> SparseVolume:
+    key = (json.dumps(dataclasses.asdict(cfg), sort_keys=True), str(path))
+    if key not in SPARSE:
+        SPARSE[key] = sparsify_cached(str(path), cfg, None)[0]
+    return SPARSE[key]
 
 
 def scores(checkpoint: str, test: Path, names: list[str], positive: str) -> tuple[F64, F64, float]:
@@ -40,7 +53,7 @@ def scores(checkpoint: str, test: Path, names: list[str], positive: str) -> tupl
     plain: list[float] = []
     flipped: list[float] = []
     for name in names:
-        sv, _ = sparsify_cached(str(test / name), ckpt.config.preprocess, None)
+        sv = sparse(test / name, ckpt.config.preprocess)
         for out, v in ((plain, sv), (flipped, apply(sv, FLIP))):
             with torch.no_grad():
                 batch = collate([v], None, ckpt.config.model, torch.device("cpu"))

@@ -61,8 +61,8 @@ MIN_STEPS_PER_EPOCH = 16
 LR_AT_BATCH_8 = 0.005
 # The lung region keeps what is denser than aerated lung: vessels, airways' walls and nodules,
 # with their partial-volume rim (a 6 mm nodule on a 2-4 mm grid peaks well below soft tissue).
-# The window maps -900..+100 HU, lung to soft tissue, to [-1, 1].
-LUNG_THRESHOLD_HU = LUNG_TISSUE_HU
+# The window maps -900..+100 HU, lung to soft tissue, to [-1, 1]. The threshold is the
+# fingerprint's LUNG_TISSUE_HU (-700 HU).
 LUNG_CENTER_HU, LUNG_SCALE_HU = -400.0, 500.0
 # Candidate stage (preprocess.blob_candidates): on 2.5 mm chest phantoms the nodule of a nodule
 # scan ranks among the few strongest blob maxima, so 32 balls of 12 mm keep it with its
@@ -205,8 +205,8 @@ def _region(fp: Fingerprint) -> dict[str, Planned]:
     if lungs_on:
         out |= _candidates(fp)
         out["preprocess.threshold"] = Planned(
-            LUNG_THRESHOLD_HU,
-            f"lung region: keep what is denser than aerated lung ({LUNG_THRESHOLD_HU:g} HU), vessels and "
+            LUNG_TISSUE_HU,
+            f"lung region: keep what is denser than aerated lung ({LUNG_TISSUE_HU:g} HU), vessels and "
             "nodules with their partial-volume rim",
         )
         lung_window = "lung region: (HU - center) / scale maps -900..+100 HU, lung to soft tissue, to [-1, 1]"
@@ -260,6 +260,16 @@ def _candidates(fp: Fingerprint) -> dict[str, Planned]:
     return out
 
 
+def input_limit(fp: Fingerprint) -> float:
+    """The coarsest site allowed along any axis (mm): MAX_INPUT_MM, or MAX_INPUT_MM_MASK for masks."""
+    return MAX_INPUT_MM_MASK if fp.kind == "mask" else MAX_INPUT_MM
+
+
+def patch_fits(spacing: list[float], k: int, limit: float) -> bool:
+    """Whether k^3 patches of `spacing` voxels make sites within `limit` mm along every axis."""
+    return k * max(spacing) <= limit
+
+
 def site_text(spacing: list[float], k: int) -> str:
     """A site's size in mm per axis, e.g. "3.0 x 3.0 x 20.0" for k = 4 on 0.75 x 0.75 x 5 mm."""
     return " x ".join(f"{k * v:.1f}" for v in spacing)
@@ -279,12 +289,11 @@ def _grid(fp: Fingerprint, region: str, budget: Budget) -> dict[str, Planned]:
         sp_why = f"all {fp.n_read} read scans are {txt} mm: new scans are resampled to it at predict"
     sites = {k: median_sites(fp, region, k) for k in PATCH_SIZES}
     inplane, coarsest = max(spacing[:2]), max(spacing)
-    mask = fp.kind == "mask"
-    limit = MAX_INPUT_MM_MASK if mask else MAX_INPUT_MM
-    cands = PATCH_CANDIDATES_MASK if mask else PATCH_CANDIDATES
+    limit = input_limit(fp)
+    cands = PATCH_CANDIDATES_MASK if fp.kind == "mask" else PATCH_CANDIDATES
     budget_txt = f"the {budget.site_budget:,} site budget ({budget.device})"
     s1 = sites[1]
-    allowed = [c for c in cands if c * coarsest <= limit]
+    allowed = [c for c in cands if patch_fits(spacing, c, limit)]
     if s1 is None:
         k, k_why = 2, "no site counts (no scan could be sparsified at the median spacing): the default 2"
     elif s1 <= TINY_SITES or (not allowed and s1 <= budget.site_budget):
@@ -334,9 +343,9 @@ def measure_candidates(fp: Fingerprint, budget: Budget) -> list[tuple[str, int]]
     pre = plan_preprocess(fp, budget)
     k = int(pre["preprocess.patch_size"].value)
     region = str(pre["preprocess.region"].value)
-    coarsest = max(pre["preprocess.spacing"].value)
+    spacing = [float(v) for v in pre["preprocess.spacing"].value]
     mask = fp.kind == "mask"
-    limit = MAX_INPUT_MM_MASK if mask else MAX_INPUT_MM
+    limit = input_limit(fp)
     sizes = (
         {k}
         if k == 1
@@ -344,7 +353,8 @@ def measure_candidates(fp: Fingerprint, budget: Budget) -> list[tuple[str, int]]
         | {
             c
             for c in (PATCH_CANDIDATES_MASK if mask else PATCH_CANDIDATES)
-            if c * coarsest <= limit and (median_sites(fp, region, c) or math.inf) <= budget.site_budget
+            if patch_fits(spacing, c, limit)
+            and (median_sites(fp, region, c) or math.inf) <= budget.site_budget
         }
     )
     # the planned size first and the cube (the larger) before the cross: see measure_device
@@ -449,7 +459,7 @@ def _coarser_patch(fp: Fingerprint, meas: Measurements, budget: Budget, values: 
     """Move to the next measured patch size when the planned one leaves too few epochs."""
     k = int(values["preprocess.patch_size"].value)
     spacing = [float(v) for v in values["preprocess.spacing"].value]
-    limit = MAX_INPUT_MM_MASK if fp.kind == "mask" else MAX_INPUT_MM
+    limit = input_limit(fp)
     budget_s = budget.train_minutes * 60
 
     def epochs(size: int) -> float:
@@ -460,7 +470,7 @@ def _coarser_patch(fp: Fingerprint, meas: Measurements, budget: Budget, values: 
     if k <= 1 or first == 0.0 or first >= MIN_EPOCHS_IN_BUDGET:
         return
     for bigger in sorted({s.patch_size for s in meas.steps if s.patch_size > k}):
-        if bigger * max(spacing) <= limit and epochs(bigger) > first:
+        if patch_fits(spacing, bigger, limit) and epochs(bigger) > first:
             why = (
                 f"{bigger}^3 voxels per site, input grid {site_text(spacing, bigger)} mm "
                 f"(limit {limit:g} mm): "
