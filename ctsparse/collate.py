@@ -7,9 +7,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
+from ctsparse.candidates import expand
 from ctsparse.config import ModelConfig
+from ctsparse.data.augment import random_orientation
 from ctsparse.models.registry import get_engine
 from ctsparse.sparse_volume import SparseVolume
 
@@ -18,13 +21,31 @@ from ctsparse.sparse_volume import SparseVolume
 class Batch:
     inputs: Any  # whatever the engine's model takes (Engine.collate)
     labels: torch.Tensor | None
+    # model.candidates: the class of each candidate ball (candidates.IGNORE: unknown), when
+    # labels are given
+    ball_labels: torch.Tensor | None
     n_sites: list[int]
     sources: list[str]
 
 
 def collate(
-    svs: Sequence[SparseVolume], labels: Sequence[int] | None, model: ModelConfig, device: torch.device
+    svs: Sequence[SparseVolume],
+    labels: Sequence[int] | None,
+    model: ModelConfig,
+    device: torch.device,
+    orient: np.random.Generator | None = None,
 ) -> Batch:
-    inputs = get_engine(model.backend).inputs(svs, device, model)
+    """The batch for `model`'s engine. With model.candidates and labels, the candidate balls and
+    their classes, each ball turned to a random orientation drawn from `orient` when given."""
+    engine = get_engine(model.backend)
     y = torch.tensor(list(labels), dtype=torch.long, device=device) if labels is not None else None
-    return Batch(inputs, y, [sv.n_sites for sv in svs], [sv.source for sv in svs])
+    by_ball = None
+    if model.candidates > 0 and labels is not None:
+        balls, classes = expand(svs, model.candidates, labels, model.background)
+        if orient is not None:
+            balls = [random_orientation(b, orient) for b in balls]
+        inputs = engine.collate(balls, device, engine.stride_multiple(model))
+        by_ball = torch.tensor(classes, dtype=torch.long, device=device)
+    else:
+        inputs = engine.inputs(svs, device, model)
+    return Batch(inputs, y, by_ball, [sv.n_sites for sv in svs], [sv.source for sv in svs])

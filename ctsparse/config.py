@@ -101,6 +101,14 @@ class ModelConfig:
     # a strong per-site channel (e.g. preprocess.blob_channel) reach the head from the first step.
     input_pooling: bool = False
     dropout: float = 0.1
+    # K > 0: classify each of the scan's K candidate balls (preprocess.blob_candidates: K) on its
+    # own and answer with the scan's most abnormal ball, as the false-positive reduction stage of
+    # nodule CAD does (ctsparse/candidates.py). Trained ball by ball from the finding positions in
+    # DATA/findings.csv, so training needs that file; the planner sets it when there is one.
+    candidates: int = 0
+    # The class of a ball without a finding: index of the class whose scans findings.csv lists
+    # nothing for. Set by train from the dataset (-1 until then).
+    background: int = -1
 
 
 @dataclass
@@ -110,6 +118,10 @@ class AugmentConfig:
     rotate_deg: float = 10.0
     scale: list[float] = field(default_factory=lambda: [0.9, 1.1])
     hu_jitter: float = 20.0  # scanner calibration differs by tens of HU between vendors
+    # With model.candidates: each training ball is also turned to a random orientation of the
+    # grid (every axis flipped at random, axes of equal site size swapped): a ball's class is a
+    # matter of its shape, not of which way its vessels run.
+    orient_balls: bool = True
 
 
 @dataclass
@@ -266,6 +278,10 @@ def validate_section(obj: Any, prefix: str) -> None:
             raise ConfigError(f"{p}widths", "widths and depths must be >= 1")
         if obj.stem_kernel not in (1, 3, 5, 7):
             raise ConfigError(f"{p}stem_kernel", "must be 1, 3, 5 or 7")
+        if obj.candidates < 0:
+            raise ConfigError(f"{p}candidates", "must be >= 0 (0 classifies the scan whole)")
+        if obj.candidates > 0 and obj.backend == "dense":
+            raise ConfigError(f"{p}candidates", "needs a sparse backend (sparse or minkowski)")
     elif isinstance(obj, AugmentConfig):
         if len(obj.scale) != 2 or not 0 < obj.scale[0] <= obj.scale[1]:
             raise ConfigError(f"{p}scale", "must be [min, max] with 0 < min <= max")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ class SparseVolume:
         params: the preprocessing parameters used (a dict of PreprocessConfig).
         stats: counts and timings: voxels in, kept, dropped by threshold / body mask, ...
         source: the path it was read from.
+        marks: float64 (F, 4) findings known in this scan, if any: centre in site-index
+            coordinates and radius in mm (train attaches them from DATA/findings.csv; never cached).
     """
 
     coords: npt.NDArray[np.int32]
@@ -45,6 +47,7 @@ class SparseVolume:
     params: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    marks: npt.NDArray[np.float64] | None = None
 
     @property
     def n_sites(self) -> int:
@@ -71,6 +74,12 @@ class SparseVolume:
         c = self.coords
         out[:, c[:, 0], c[:, 1], c[:, 2]] = self.feats.T
         return out
+
+    def with_findings(self, world: npt.NDArray[np.float64]) -> SparseVolume:
+        """This scan with findings given as (F, 4) rows of RAS+ mm centre and radius in mm."""
+        world = np.asarray(world, dtype=np.float64).reshape(-1, 4)
+        site = np.linalg.solve(self.affine, np.c_[world[:, :3], np.ones(len(world))].T).T[:, :3]
+        return replace(self, marks=np.c_[site, world[:, 3]])
 
     def nbytes(self) -> int:
         return int(self.coords.nbytes + self.feats.nbytes)

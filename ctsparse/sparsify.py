@@ -178,22 +178,34 @@ def _blob_channel(dense: FloatArray, coords: npt.NDArray[np.int32], cfg: Preproc
     return dense[coords[:, 0], coords[:, 1], coords[:, 2]]
 
 
-def candidate_sites(
+def candidate_balls(
     coords: npt.NDArray[np.int32], score: FloatArray, site_mm: Any, k: int, radius_mm: float
-) -> BoolArray:
-    """The sites within radius_mm of the k strongest maxima of `score`, picked greedily: the
-    highest remaining site, then everything within radius_mm of it is no longer a candidate."""
+) -> list[npt.NDArray[np.intp]]:
+    """The sites (row indices, the ball's maximum first) within radius_mm of each of the k
+    strongest maxima of `score`, picked greedily: the highest remaining site, then everything
+    within radius_mm of it is no longer a candidate. Balls may share sites."""
     pos = coords.astype(np.float32) * np.asarray(site_mm, dtype=np.float32)
     free = np.ones(len(score), dtype=bool)
-    near = np.zeros(len(score), dtype=bool)
     r2 = np.float32(radius_mm * radius_mm)
+    balls = []
     for _ in range(k):
         if not free.any():
             break
         i = int(np.flatnonzero(free)[np.argmax(score[free])])
         ball = ((pos - pos[i]) ** 2).sum(axis=1) <= r2
-        near |= ball
         free &= ~ball
+        rows = np.flatnonzero(ball)
+        balls.append(np.concatenate([[i], rows[rows != i]]))
+    return balls
+
+
+def candidate_sites(
+    coords: npt.NDArray[np.int32], score: FloatArray, site_mm: Any, k: int, radius_mm: float
+) -> BoolArray:
+    """The sites of the k candidate balls (`candidate_balls`), as a mask."""
+    near = np.zeros(len(score), dtype=bool)
+    for rows in candidate_balls(coords, score, site_mm, k, radius_mm):
+        near[rows] = True
     return near
 
 

@@ -102,6 +102,31 @@ def test_the_candidate_stage_is_planned_for_a_focal_finding_only(
     resolve_config(v)  # valid either way
 
 
+def test_findings_are_counted_and_the_plan_names_the_per_candidate_option(chest_fp: Fingerprint) -> None:
+    # generate_phantoms writes findings.csv with the nodule of every nodule scan
+    n_nodule = chest_fp.class_counts["nodule"]
+    assert chest_fp.findings == {"nodule": n_nodule}
+    focal = tuple(
+        dataclasses.replace(s, blob_max=3.0 if s.label == "nodule" else 1.0 + 0.1 * i)
+        for i, s in enumerate(chest_fp.scans)
+    )
+    fp = dataclasses.replace(chest_fp, scans=focal)
+    v = make_plan(fp, None, BUDGET).values
+    assert v["preprocess.blob_candidates"].value == BLOB_CANDIDATES
+    assert v["model.candidates"].value == 0
+    said = v["model.candidates"].reason
+    assert f"findings.csv marks {n_nodule} of {n_nodule} 'nodule' scans" in said
+    assert f"--set model.candidates={BLOB_CANDIDATES}" in said and "'normal' as the background" in said
+    others = (({}, "no findings.csv"), ({"nodule": 2, "normal": 1}, "no one class without findings"))
+    for findings, why in others:
+        v = make_plan(dataclasses.replace(fp, findings=findings), None, BUDGET).values
+        assert v["model.candidates"].value == 0 and why in v["model.candidates"].reason
+    # no candidate stage: nothing to say about balls
+    flat = tuple(dataclasses.replace(s, blob_max=1.0) for s in chest_fp.scans)
+    v = make_plan(dataclasses.replace(chest_fp, scans=flat), None, BUDGET).values
+    assert "model.candidates" not in v and resolve_config(v).model.candidates == 0
+
+
 def test_uint8_volumes_get_a_histogram_threshold_and_say_they_are_not_hu(tmp_path: Path) -> None:
     fp = fingerprint(write_dataset(tmp_path, "uint8"))
     assert fp.kind == "uint8"

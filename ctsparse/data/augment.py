@@ -7,6 +7,7 @@ Generator, `apply` is deterministic. This makes an augmented sample reproducible
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +37,8 @@ def _patch_size(sv: SparseVolume) -> int:
 
 
 def apply(sv: SparseVolume, p: AugmentParams) -> SparseVolume:
-    """Flip / rotate / scale the site coordinates, shift the HU features.
+    """Flip / rotate / scale the site coordinates (and the findings' centres), shift the HU
+    features.
 
     Rotated and scaled coordinates are rounded back to the grid; sites landing on the same cell
     keep the first one (at |scale - 1| <= 0.1 and small angles this drops a few percent of sites).
@@ -49,8 +51,11 @@ def apply(sv: SparseVolume, p: AugmentParams) -> SparseVolume:
     centre = (np.asarray(sv.grid_shape, dtype=np.float64) - 1) / 2
     # channels after the k^3 HU values (the blob filter) are rotation- and flip-invariant scalars
     n_hu = k**3
+    marks = None if sv.marks is None else sv.marks.copy()
     if p.flip_lr:
         coords[:, 0] = 2 * centre[0] - coords[:, 0]
+        if marks is not None:
+            marks[:, 0] = 2 * centre[0] - marks[:, 0]
         if k > 1:
             mirrored = feats[:, :n_hu].reshape(-1, k, k, k)[:, ::-1].reshape(len(feats), -1)
             feats = np.ascontiguousarray(np.concatenate([mirrored, feats[:, n_hu:]], axis=1))
@@ -58,7 +63,10 @@ def apply(sv: SparseVolume, p: AugmentParams) -> SparseVolume:
     rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) * p.scale
     coords = (coords - centre) @ rot.T + centre
     icoords = np.rint(coords).astype(np.int64)
-    icoords -= icoords.min(axis=0)
+    low = icoords.min(axis=0)
+    icoords -= low
+    if marks is not None:  # findings move with the sites (their radius is in mm)
+        marks[:, :3] = (marks[:, :3] - centre) @ rot.T + centre - low
     _, first = np.unique(icoords, axis=0, return_index=True)
     first.sort()
     icoords = icoords[first]
@@ -67,10 +75,62 @@ def apply(sv: SparseVolume, p: AugmentParams) -> SparseVolume:
         scale = float(sv.params.get("hu_scale", 1000.0))
         feats = feats.copy()
         feats[:, :n_hu] += np.float32(p.hu_shift / scale)
-    grid = tuple(int(v) + 1 for v in icoords.max(axis=0))
+    return _moved(sv, icoords, feats, marks)
+
+
+def _moved(sv: SparseVolume, coords: Any, feats: Any, marks: Any) -> SparseVolume:
+    """`sv` with new sites (non-negative coordinates) and findings, on the grid that holds them."""
+    grid = tuple(int(v) + 1 for v in coords.max(axis=0))
     return replace(
         sv,
-        coords=np.ascontiguousarray(icoords, dtype=np.int32),
+        coords=np.ascontiguousarray(coords, dtype=np.int32),
         feats=np.ascontiguousarray(feats, dtype=np.float32),
         grid_shape=(grid[0], grid[1], grid[2]),
+        marks=marks,
     )
+
+
+ALIGN = 16  # a multiple of the total stride of any network of up to five stages
+
+
+def orient(
+    sv: SparseVolume, flips: tuple[bool, bool, bool], order: tuple[int, int, int], offset: Any = (0, 0, 0)
+) -> SparseVolume:
+    """One of the grid's own symmetries: the axes reordered (new axis i is old axis order[i]),
+    then flipped where `flips` says, about the first site (a candidate ball's maximum); the
+    result starts at `offset` on every axis. Patch values move with their block; the scalar
+    channels after them do not change."""
+    k = _patch_size(sv)
+    n_hu = k**3
+    coords = sv.coords.astype(np.int64)
+    rel = (coords - coords[0])[:, list(order)]
+    rel = np.where(np.asarray(flips), -rel, rel)
+    coords = rel - rel.min(axis=0) + np.asarray(offset, dtype=np.int64)
+    feats = sv.feats
+    if k > 1:
+        block = feats[:, :n_hu].reshape(-1, k, k, k).transpose(0, *(1 + np.asarray(order)))
+        for axis, flip in enumerate(flips):
+            if flip:
+                block = np.flip(block, axis=axis + 1)
+        feats = np.concatenate([block.reshape(len(feats), -1), feats[:, n_hu:]], axis=1)
+    return _moved(sv, coords, feats, None)
+
+
+def random_orientation(sv: SparseVolume, rng: np.random.Generator) -> SparseVolume:
+    """`orient` with every axis flipped at random and the axes whose site sizes agree (within
+    1 %) shuffled: all 48 orientations of the cube on an isotropic grid, the 16 that keep the
+    slice axis on 2.5 x 2.5 x 5 mm sites. The ball starts at a random offset below ALIGN on every
+    axis: a network with stride-2 stages is not shift-invariant, and at predict a ball sits
+    wherever its scan put it, so training must not always align it the same way."""
+    mm = np.asarray(sv.spacing)
+    order = list(range(3))
+    groups: dict[int, list[int]] = {}  # axes of equal site size, keyed by the first of them
+    for a in range(3):
+        key = min(b for b in range(3) if abs(mm[a] - mm[b]) <= 0.01 * max(mm[a], mm[b]))
+        groups.setdefault(key, []).append(a)
+    for axes in groups.values():
+        for a, b in zip(axes, rng.permutation(axes), strict=True):
+            order[a] = int(b)
+    flips = tuple(bool(f) for f in rng.random(3) < 0.5)
+    offset = rng.integers(0, ALIGN, 3)
+    return orient(sv, (flips[0], flips[1], flips[2]), (order[0], order[1], order[2]), offset)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from ctsparse.errors import DatasetError
 
@@ -147,3 +148,48 @@ def stratified_split(
         val += [group[i] for i in order[:n_val]]
         train += [group[i] for i in order[n_val:]]
     return train, val
+
+
+FINDINGS_CSV = "findings.csv"
+
+
+def findings_file(data: str | Path) -> Path | None:
+    """DATA/findings.csv (beside the labels CSV or datalist when DATA is a file), if present."""
+    root = Path(data)
+    path = (root.parent if root.is_file() else root) / FINDINGS_CSV
+    return path if path.is_file() else None
+
+
+def read_findings(data: str | Path) -> dict[Path, npt.NDArray[np.float64]]:
+    """Finding positions per scan from DATA/findings.csv: {resolved scan path: (F, 4) rows of
+    x, y, z (mm, RAS+ world coordinates as ctsparse reads the scan, like a NIfTI affine's; negate
+    x and y of LPS coordinates such as LUNA16's) and radius (mm)}. Columns: path, x_mm, y_mm,
+    z_mm and radius_mm or diameter_mm; any others (e.g. finding) are ignored. Empty without it."""
+    path = findings_file(data)
+    if path is None:
+        return {}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            fields = {(f or "").strip().lower() for f in reader.fieldnames or []}
+            rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in r.items()} for r in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(path, f"cannot read CSV: {exc}") from exc
+    size = "radius_mm" if "radius_mm" in fields else "diameter_mm"
+    missing = [c for c in ("path", "x_mm", "y_mm", "z_mm", size) if c not in fields]
+    if missing:
+        raise DatasetError(path, f"needs columns path,x_mm,y_mm,z_mm,radius_mm; missing {', '.join(missing)}")
+    out: dict[Path, list[list[float]]] = {}
+    for i, r in enumerate(rows, start=2):
+        if not r.get("path"):
+            continue
+        try:
+            x, y, z, s = (float(r[c]) for c in ("x_mm", "y_mm", "z_mm", size))
+        except ValueError:
+            raise DatasetError(path, f"line {i}: x_mm, y_mm, z_mm and {size} must be numbers") from None
+        radius = s / 2 if size == "diameter_mm" else s
+        if not np.isfinite([x, y, z, radius]).all() or radius <= 0:
+            raise DatasetError(path, f"line {i}: needs finite coordinates and a positive size")
+        scan = _resolve(path.parent, r["path"], path).resolve()
+        out.setdefault(scan, []).append([x, y, z, radius])
+    return {k: np.array(v, dtype=np.float64) for k, v in out.items()}

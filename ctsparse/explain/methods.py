@@ -72,6 +72,8 @@ def site_saliency(
     choose(logits of the scan) returns."""
     if method not in METHODS:
         raise CtsparseError(f"unknown explanation method {method!r} (known: {', '.join(METHODS)})")
+    if cfg.candidates > 0:
+        return _on_chosen_ball(model, engine, cfg, sv, choose, method, device)
     if method == "occlusion":
         return occlusion(model, engine, cfg, sv, choose, device)
     if engine.explain is None:
@@ -82,6 +84,52 @@ def site_saliency(
     if method == "gradcam":
         return gradcam(model, engine, x, sv, choose)
     return input_x_gradient(model, engine, x, sv, choose)
+
+
+def _on_chosen_ball(
+    model: torch.nn.Module,
+    engine: Engine,
+    cfg: ModelConfig,
+    sv: SparseVolume,
+    choose: Choose,
+    method: str,
+    device: torch.device,
+) -> SiteMap:
+    """A per-candidate model (model.candidates) answers with one ball of the scan: the map is that
+    ball's, explained as a scan of its own, and zero on the sites of the other balls."""
+    import dataclasses
+
+    import torch
+
+    from ctsparse.candidates import most_abnormal_ball, split_balls
+
+    k = cfg.candidates
+    balls = split_balls(sv, k)
+    with torch.no_grad():
+        by_ball = model(engine.collate(balls, device, engine.stride_multiple(cfg)), per_ball=True)
+        chosen = int(most_abnormal_ball(by_ball, k, cfg.background)[0])
+    ball = balls[chosen]
+    one = dataclasses.replace(cfg, candidates=0)
+    saved = model.candidates
+    model.candidates = 0  # type: ignore[assignment]  # the ball's own logits are the scan's
+    try:
+        inner = site_saliency(model, engine, one, ball, choose, method, device)
+    finally:
+        model.candidates = saved
+    rows = _rows_in(sv.coords, ball.coords)
+    values = np.zeros(sv.n_sites, np.float32)
+    values[rows] = inner.values
+    info = {**inner.info, "candidate_ball": chosen, "ball_sites": ball.n_sites}
+    return SiteMap(values, inner.target, inner.logits, int(rows[inner.peak]), info)
+
+
+def _rows_in(table: npt.NDArray[np.int32], query: npt.NDArray[np.int32]) -> npt.NDArray[np.intp]:
+    """For each coordinate of `query` its row in `table` (both (N, 3), every query row present)."""
+    dims = np.maximum(table.max(axis=0), query.max(axis=0)) + 1
+    keys = np.ravel_multi_index(table.T.astype(np.int64), dims)
+    order = np.argsort(keys)
+    pos = np.searchsorted(keys, np.ravel_multi_index(query.T.astype(np.int64), dims), sorter=order)
+    return order[pos]  # type: ignore[no-any-return]
 
 
 def _numpy(logits: torch.Tensor) -> npt.NDArray[np.float64]:

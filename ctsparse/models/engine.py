@@ -128,5 +128,10 @@ class Engine:
     implementation: Callable[[torch.device], str] = _no_detail
 
     def inputs(self, svs: Sequence[SparseVolume], device: torch.device, cfg: ModelConfig) -> Any:
-        """The model's input for a batch of scans, on `device`."""
+        """The model's input for a batch of scans, on `device` (for model.candidates: K, the K
+        candidate balls of every scan, scan after scan)."""
+        if cfg.candidates > 0:
+            from ctsparse.candidates import expand
+
+            svs = expand(svs, cfg.candidates)[0]
         return self.collate(svs, device, self.stride_multiple(cfg))

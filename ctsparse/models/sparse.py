@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ctsparse.candidates import most_abnormal
 from ctsparse.config import ModelConfig
 from ctsparse.models import minkowski, sitegemm
 from ctsparse.models.engine import Check, Engine, LastStage, SiteHooks
@@ -221,6 +222,7 @@ class SparseResNet(nn.Module):
         self.input_norm = PooledNorm(2 * in_channels) if cfg.input_pooling else None
         self.num_features = 2 * w[-1] + (2 * in_channels if cfg.input_pooling else 0)
         self.head = nn.Linear(self.num_features, num_classes)
+        self.candidates, self.background = cfg.candidates, cfg.background
 
     def forward_features(self, x: Sparse) -> torch.Tensor:
         """Pooled embedding (B, 2 * widths[-1]), rows ordered by batch index."""
@@ -233,11 +235,16 @@ class SparseResNet(nn.Module):
             return torch.cat([avg, mx], dim=1)
         return torch.cat([avg, mx, self.input_norm(torch.cat(global_avg_max(x), dim=1))], dim=1)
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(features))
+    def forward_head(self, features: torch.Tensor, per_ball: bool = False) -> torch.Tensor:
+        """Logits per scan; with model.candidates, the scan's most abnormal ball's (per_ball:
+        every ball's, rows as in the input)."""
+        logits = self.head(self.dropout(features))
+        if self.candidates and not per_ball:
+            return most_abnormal(logits, self.candidates, self.background)
+        return logits
 
-    def forward(self, x: Sparse) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: Sparse, per_ball: bool = False) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x), per_ball)
 
 
 def batched_coordinates(svs: Sequence[SparseVolume]) -> np.ndarray:

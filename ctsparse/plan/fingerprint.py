@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ctsparse.config import PreprocessConfig, TrainConfig
-from ctsparse.data.datasets import Sample, discover_dataset, stratified_split
+from ctsparse.data.datasets import Sample, discover_dataset, read_findings, stratified_split
 from ctsparse.errors import CtsparseError, DatasetError
 from ctsparse.io.geometry import axis_index_maps, inside_grid
 from ctsparse.plan.intensity import Intensity, measure_intensity, otsu
@@ -73,6 +73,8 @@ class Fingerprint:
     site_threshold: float  # the threshold the site counts used
     data_threshold: float  # Otsu on the pooled values, or the midpoint of a mask's two values
     foreground: dict[str, float]  # median, p25, p75, std of the pooled values >= site_threshold
+    # scans per class that DATA/findings.csv gives finding positions for
+    findings: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def n_read(self) -> int:
@@ -200,6 +202,7 @@ def fingerprint(
 
     emit = on_event or (lambda kind, info: None)
     samples = discover_dataset(data)
+    marked = read_findings(data)
     default = PreprocessConfig()
     split = TrainConfig()
     train, val = stratified_split(samples, split.val_fraction, split.seed)
@@ -275,4 +278,5 @@ def fingerprint(
         site_threshold=float(site_thr),
         data_threshold=float(data_thr),
         foreground=foreground,
+        findings=dict(sorted(Counter(s.label for s in samples if s.path.resolve() in marked).items())),
     )

@@ -257,7 +257,27 @@ def _candidates(fp: Fingerprint) -> dict[str, Planned]:
         out["preprocess.blob_candidate_mm"] = Planned(
             BLOB_CANDIDATE_MM, "a 20 mm nodule and what touches it fit in the ball"
         )
+        out["model.candidates"] = _per_candidate(fp, n_on)
     return out
+
+
+def _per_candidate(fp: Fingerprint, n_balls: int) -> Planned:
+    """Whether to classify each candidate ball on its own (model.candidates). Not planned: told by
+    findings.csv which ball holds the nodule, the network did no better on held-out phantoms than
+    from scan labels alone (docs/benchmarks.md, "One answer per candidate ball"); the reason says
+    when the dataset would allow it."""
+    if not fp.findings:
+        return Planned(0, "scan labels only (no findings.csv): the network sees a scan's balls together")
+    background = [c for c in fp.class_counts if c not in fp.findings]
+    marked = ", ".join(f"{n} of {fp.class_counts[c]} '{c}' scans" for c, n in fp.findings.items())
+    if len(background) != 1:
+        return Planned(0, f"findings.csv marks {marked}: no one class without findings as the background")
+    return Planned(
+        0,
+        f"findings.csv marks {marked}, so --set model.candidates={n_balls} would classify each ball on "
+        f"its own with '{background[0]}' as the background; not planned: on phantoms it did no "
+        "better than the scan labels (docs/benchmarks.md)",
+    )
 
 
 def input_limit(fp: Fingerprint) -> float:

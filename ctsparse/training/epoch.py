@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ctsparse.candidates import IGNORE, most_abnormal
 from ctsparse.collate import collate
 from ctsparse.config import Config
 from ctsparse.data import augment
@@ -72,11 +73,16 @@ def batch_loss(logits: torch.Tensor, labels: torch.Tensor, loss_fn: torch.nn.Mod
     mean over the global batch, exactly the single-process loss. (Averaging per-rank weighted
     means is not: each would be normalised by its own half of the class weights.)
     """
+    known = labels[labels != IGNORE]  # candidate balls of unknown class (ctsparse/candidates.py)
+    if not len(known):
+        return logits.sum() * 0.0
     if not d.enabled:
         return loss_fn(logits, labels)
     weight = getattr(loss_fn, "weight", None)
-    per = torch.nn.functional.cross_entropy(logits, labels, weight=weight, reduction="none")
-    local = float(weight[labels].sum()) if weight is not None else float(len(labels))
+    per = torch.nn.functional.cross_entropy(
+        logits, labels, weight=weight, reduction="none", ignore_index=IGNORE
+    )
+    local = float(weight[known].sum()) if weight is not None else float(len(known))
     (total,) = d.sum([local])
     return per.sum() * d.world / total
 
@@ -96,6 +102,7 @@ def run_epoch(
     *,
     dist: Dist | None = None,
     resume_from: EpochProgress | None = None,
+    ball_loss_fn: torch.nn.Module | None = None,
 ) -> dict[str, float] | EpochProgress:
     """Train loss/accuracy/sites-per-second over all ranks, or where it stopped (stop["flag"]).
 
@@ -136,10 +143,18 @@ def run_epoch(
                 )
                 for sv, p in zip(svs, pos, strict=True)
             ]
-        batch = collate(svs, [data[i][1] for i in idx], cfg.model, dev)
-        logits = model(batch.inputs)
+        orient = None
+        if cfg.augment.enabled and cfg.augment.orient_balls and cfg.model.candidates:
+            orient = np.random.default_rng([epoch_key, int(positions[b * bs]), 1])
+        batch = collate(svs, [data[i][1] for i in idx], cfg.model, dev, orient)
         assert batch.labels is not None
-        loss = batch_loss(logits, batch.labels, loss_fn, d)
+        if batch.ball_labels is not None and ball_loss_fn is not None:  # model.candidates
+            by_ball = model(batch.inputs, per_ball=True)
+            loss = batch_loss(by_ball, batch.ball_labels, ball_loss_fn, d)
+            logits = most_abnormal(by_ball.detach(), cfg.model.candidates, cfg.model.background)
+        else:
+            logits = model(batch.inputs)
+            loss = batch_loss(logits, batch.labels, loss_fn, d)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.train.grad_clip > 0:  # DDP has averaged the gradients: every rank clips alike

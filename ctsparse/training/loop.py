@@ -11,6 +11,7 @@ only rank 0 writes files and emits events.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -25,9 +26,10 @@ import torch
 import yaml
 
 from ctsparse.calibration import Decision, fit_decision, positive_class, softmax
+from ctsparse.candidates import IGNORE, ball_labels, split_balls
 from ctsparse.config import Config, to_dict
-from ctsparse.data.datasets import Sample, discover_dataset, stratified_split
-from ctsparse.errors import CtsparseError, DatasetError
+from ctsparse.data.datasets import Sample, discover_dataset, findings_file, read_findings, stratified_split
+from ctsparse.errors import ConfigError, CtsparseError, DatasetError
 from ctsparse.fileio import atomic_write_text, remove_stale_temps
 from ctsparse.models.checkpoint import load_checkpoint, save_checkpoint
 from ctsparse.models.registry import get_engine
@@ -148,6 +150,7 @@ def _train(
         raise CtsparseError(
             f"{out / 'last.pt'}: classes {state.get('classes')} differ from the dataset's {classes}"
         )
+    findings = _findings_for_candidates(data, cfg)  # before any scan is read
     prepared = _prepare(samples, cfg, d, emit)
     ok = [(s, r) for s, r in zip(samples, prepared, strict=True) if isinstance(r, SparseVolume)]
     skipped = [r for r in prepared if isinstance(r, str)]
@@ -157,6 +160,8 @@ def _train(
         raise DatasetError(data, f"fewer than two classes left after {len(skipped)} unreadable scans")
     train_s, val_s = stratified_split([s for s, _ in ok], cfg.train.val_fraction, cfg.train.seed)
     by_path = {s.path: (sv, classes.index(s.label)) for s, sv in ok}
+    if cfg.model.candidates > 0:
+        cfg, by_path = _with_findings(data, findings, cfg, classes, by_path)
     train_set = [by_path[s.path] for s in train_s]
     val_set = [by_path[s.path] for s in val_s]
     # what the weights saw: predict flags scans outside these ranges (ctsparse/ood.py)
@@ -185,6 +190,7 @@ def _train(
             counts.sum() / (len(classes) * np.maximum(counts, 1)), dtype=torch.float32, device=dev
         )
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
+    ball_loss_fn = _ball_loss(train_set, cfg, len(classes), dev) if cfg.model.candidates > 0 else None
 
     start_epoch, best_score, best_epoch, bad_epochs = 1, -math.inf, 0, 0
     best_loss = math.inf  # breaks ties of the metric: 40 validation scans give coarse scores
@@ -260,7 +266,7 @@ def _train(
             partial = None
             tr = run_epoch(
                 model, train_set, cfg, dev, optimizer, scheduler, loss_fn, rng, epoch, emit, stop,
-                dist=d, resume_from=resume_from,
+                dist=d, resume_from=resume_from, ball_loss_fn=ball_loss_fn,
             )  # fmt: skip
             if isinstance(tr, EpochProgress):  # stopped between two steps: save that step
                 save_last(epoch - 1, tr)
@@ -311,6 +317,63 @@ def _train(
     emit("done", {"metrics": metrics, "interrupted": interrupted})
     return TrainResult(
         out, best_epoch, best_score, last_done, metrics, skipped, interrupted, batches_into_next
+    )
+
+
+def _findings_for_candidates(data: str | Path, cfg: Config) -> dict[Path, np.ndarray]:
+    """DATA/findings.csv when model.candidates asks for it (checked before any scan is read)."""
+    if cfg.model.candidates == 0:
+        return {}
+    if cfg.preprocess.blob_candidates != cfg.model.candidates:
+        raise ConfigError(
+            "model.candidates",
+            f"is {cfg.model.candidates} but preprocess.blob_candidates is {cfg.preprocess.blob_candidates}: "
+            "set both to the same number of balls (0 and 0 to see the scan whole)",
+        )
+    findings = read_findings(data)
+    if not findings:
+        raise DatasetError(data, "model.candidates needs the findings' positions in findings.csv")
+    return findings
+
+
+def _with_findings(
+    data: str | Path,
+    findings: dict[Path, np.ndarray],
+    cfg: Config,
+    classes: list[str],
+    by_path: dict[Path, tuple[SparseVolume, int]],
+) -> tuple[Config, dict[Path, tuple[SparseVolume, int]]]:
+    """model.candidates: the findings attached to their scans, and model.background set to the
+    one class none of whose scans has a finding."""
+    marked = {classes[y] for p, (_, y) in by_path.items() if p.resolve() in findings}
+    unmarked = [c for c in classes if c not in marked]
+    if len(unmarked) != 1:
+        where = findings_file(data) or data
+        raise DatasetError(
+            where, f"lists findings in scans of {len(marked)} of {len(classes)} classes; model.candidates "
+            "needs exactly one class without findings (the background)"
+        )  # fmt: skip
+    attached = {
+        p: (sv.with_findings(findings[p.resolve()]) if p.resolve() in findings else sv, y)
+        for p, (sv, y) in by_path.items()
+    }
+    model = dataclasses.replace(cfg.model, background=classes.index(unmarked[0]))
+    return dataclasses.replace(cfg, model=model), attached
+
+
+def _ball_loss(
+    train_set: list[tuple[SparseVolume, int]], cfg: Config, n_classes: int, dev: torch.device
+) -> torch.nn.Module:
+    """Cross-entropy over candidate balls whose weights give every finding class a third of the
+    background balls' total weight (a 1:3 ratio, as nodule CAD samples its candidates)."""
+    k, bg = cfg.model.candidates, cfg.model.background
+    counts = np.zeros(n_classes)
+    for sv, y in train_set:
+        labels = np.array(ball_labels(sv, split_balls(sv, k), y, bg))
+        counts += np.bincount(labels[labels != IGNORE], minlength=n_classes)
+    weights = np.where(np.arange(n_classes) == bg, 1.0, counts[bg] / (3.0 * np.maximum(counts, 1)))
+    return torch.nn.CrossEntropyLoss(
+        weight=torch.tensor(weights, dtype=torch.float32, device=dev), ignore_index=IGNORE
     )
 
 
