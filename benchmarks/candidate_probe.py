@@ -173,7 +173,7 @@ def main() -> None:
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss)
+            total += float(loss.detach())
         model.eval()
         with torch.no_grad():
             scores = torch.cat([model(x_te[i : i + 512]) for i in range(0, len(x_te), 512)])

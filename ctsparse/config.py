@@ -118,10 +118,10 @@ class AugmentConfig:
     rotate_deg: float = 10.0
     scale: list[float] = field(default_factory=lambda: [0.9, 1.1])
     hu_jitter: float = 20.0  # scanner calibration differs by tens of HU between vendors
-    # With model.candidates: each training ball is also turned to a random orientation of the
-    # grid (every axis flipped at random, axes of equal site size swapped): a ball's class is a
-    # matter of its shape, not of which way its vessels run.
-    orient_balls: bool = True
+    # With model.candidates: also turn each training ball to a random orientation of the grid
+    # (every axis flipped at random, axes of equal site size swapped), as nodule CAD does with
+    # its candidates. Off: on the tuning phantoms it did not help (docs/benchmarks.md).
+    orient_balls: bool = False
 
 
 @dataclass

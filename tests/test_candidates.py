@@ -163,6 +163,7 @@ def test_a_per_candidate_model_trains_from_findings_and_predict_and_explain_use_
         "model.input_pooling=true",
         "train.epochs=2",
         "train.batch_size=4",
+        "augment.orient_balls=true",
     ]
     train(data, tmp_path / "run", load_config(None, sets), device="cpu")
     model, ckpt = build_from_checkpoint(tmp_path / "run" / "best.pt")
