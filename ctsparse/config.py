@@ -104,7 +104,8 @@ class ModelConfig:
     # K > 0: classify each of the scan's K candidate balls (preprocess.blob_candidates: K) on its
     # own and answer with the scan's most abnormal ball, as the false-positive reduction stage of
     # nodule CAD does (ctsparse/candidates.py). Trained ball by ball from the finding positions in
-    # DATA/findings.csv, so training needs that file; the planner sets it when there is one.
+    # DATA/findings.csv, so training needs that file. The planner leaves it at 0 (on the tuning
+    # phantoms it did not beat the scan labels, docs/benchmarks.md) and names it when it applies.
     candidates: int = 0
     # The class of a ball without a finding: index of the class whose scans findings.csv lists
     # nothing for. Set by train from the dataset (-1 until then).
