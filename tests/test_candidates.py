@@ -252,3 +252,23 @@ def test_random_orientations_swap_only_axes_of_equal_site_size() -> None:
     iso = SparseVolume(coords, feats, (6, 6, 6), np.diag([2.5, 2.5, 2.5, 1.0]))
     seen = {augment.random_orientation(iso, rng).coords.tobytes() for _ in range(200)}
     assert len(seen) > 24  # most of the 48 orientations of the cube
+
+
+def test_a_findings_csv_without_positions_stops_neither_planning_nor_scan_label_training(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from ctsparse.config import load_config
+    from ctsparse.plan import fingerprint
+    from ctsparse.training.loop import train
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    (data / "findings.csv").write_text("path,report\ncase_0000.nii.gz,small nodule right upper lobe\n")
+    assert fingerprint(data, max_scans=2).findings == {}
+    sets = ["model.widths=[8, 16]", "model.depths=[1, 1]", "train.epochs=1"]
+    result = train(data, tmp_path / "run", load_config(None, sets), device="cpu")
+    assert (tmp_path / "run" / "best.pt").is_file() and result is not None
+    with pytest.raises(DatasetError, match="missing x_mm"):
+        read_findings(data)  # asking for the positions still names what is wrong

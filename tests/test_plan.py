@@ -117,7 +117,7 @@ def test_findings_are_counted_and_the_plan_names_the_per_candidate_option(chest_
     said = v["model.candidates"].reason
     assert f"findings.csv marks {n_nodule} of {n_nodule} 'nodule' scans" in said
     assert f"--set model.candidates={BLOB_CANDIDATES}" in said and "'normal' as the background" in said
-    others = (({}, "no findings.csv"), ({"nodule": 2, "normal": 1}, "no one class without findings"))
+    others = (({}, "no readable findings.csv"), ({"nodule": 2, "normal": 1}, "no one class without findings"))
     for findings, why in others:
         v = make_plan(dataclasses.replace(fp, findings=findings), None, BUDGET).values
         assert v["model.candidates"].value == 0 and why in v["model.candidates"].reason

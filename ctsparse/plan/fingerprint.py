@@ -202,7 +202,10 @@ def fingerprint(
 
     emit = on_event or (lambda kind, info: None)
     samples = discover_dataset(data)
-    marked = read_findings(data)
+    try:
+        marked = read_findings(data)
+    except DatasetError:  # e.g. a findings.csv of reports, not positions: planning needs none
+        marked = {}
     default = PreprocessConfig()
     split = TrainConfig()
     train, val = stratified_split(samples, split.val_fraction, split.seed)

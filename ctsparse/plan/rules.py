@@ -267,7 +267,9 @@ def _per_candidate(fp: Fingerprint, n_balls: int) -> Planned:
     from scan labels alone (docs/benchmarks.md, "One answer per candidate ball"); the reason says
     when the dataset would allow it."""
     if not fp.findings:
-        return Planned(0, "scan labels only (no findings.csv): the network sees a scan's balls together")
+        return Planned(
+            0, "scan labels only (no readable findings.csv): the network sees a scan's balls together"
+        )
     background = [c for c in fp.class_counts if c not in fp.findings]
     marked = ", ".join(f"{n} of {fp.class_counts[c]} '{c}' scans" for c, n in fp.findings.items())
     if len(background) != 1:
