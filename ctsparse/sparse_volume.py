@@ -85,6 +85,24 @@ class SparseVolume:
         return int(self.coords.nbytes + self.feats.nbytes)
 
 
+def rows_of(table: npt.NDArray[Any], query: npt.NDArray[Any]) -> npt.NDArray[np.intp]:
+    """For each coordinate of `query` (N, 3) the row of `table` (M, 3) that holds it (ME keeps
+    its own row order, so rows are matched by value, never assumed).
+
+    Raises:
+        RuntimeError: a query coordinate is not in the table.
+    """
+    table, query = table.astype(np.int64), query.astype(np.int64)
+    dims = np.maximum(table.max(axis=0), query.max(axis=0)) + 1
+    keys = np.ravel_multi_index(table.T, dims)
+    order = np.argsort(keys)
+    pos = np.searchsorted(keys, np.ravel_multi_index(query.T, dims), sorter=order)
+    rows: npt.NDArray[np.intp] = order[np.minimum(pos, len(order) - 1)]
+    if not np.array_equal(table[rows], query):
+        raise RuntimeError("a site has no covering cell in the sparse tensor")
+    return rows
+
+
 def save_sparse(sv: SparseVolume, path: str | Path) -> None:
     """Write atomically: temp file in the same folder, fsync, then rename over the target."""
     path = Path(path)

@@ -272,3 +272,34 @@ def test_a_findings_csv_without_positions_stops_neither_planning_nor_scan_label_
     assert (tmp_path / "run" / "best.pt").is_file() and result is not None
     with pytest.raises(DatasetError, match="missing x_mm"):
         read_findings(data)  # asking for the positions still names what is wrong
+
+
+def test_a_rank_whose_balls_are_all_of_unknown_class_still_joins_the_loss_all_reduce() -> None:
+    from ctsparse.training.distributed import Dist
+    from ctsparse.training.epoch import batch_loss
+
+    class TwoRanks(Dist):  # the other rank brings known balls of total weight 4
+        calls = 0
+
+        def sum(self, values: list[float]) -> list[float]:
+            TwoRanks.calls += 1
+            return [v + 4.0 for v in values]
+
+    d = TwoRanks(world=2)
+    logits = torch.randn(6, 2, requires_grad=True)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor([2.0, 1.0]), ignore_index=IGNORE)
+    unknown = torch.full((6,), IGNORE)
+    loss = batch_loss(logits, unknown, loss_fn, d)
+    assert TwoRanks.calls == 1 and float(loss) == 0.0
+    loss.backward()  # no gradient from this rank, but a graph to reduce
+    assert logits.grad is not None and float(logits.grad.abs().sum()) == 0.0
+    labels = torch.tensor([0, 1, IGNORE, 1, IGNORE, 0])
+    expected = (
+        torch.nn.functional.cross_entropy(
+            logits, labels, weight=loss_fn.weight, reduction="sum", ignore_index=IGNORE
+        )
+        * 2
+        / (2.0 + 1.0 + 1.0 + 2.0 + 4.0)
+    )
+    torch.testing.assert_close(batch_loss(logits, labels, loss_fn, d), expected)
+    assert TwoRanks.calls == 2

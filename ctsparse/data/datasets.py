@@ -48,18 +48,23 @@ def _resolve(base: Path, rel: str, where: Path) -> Path:
     return p
 
 
-def read_labels_csv(path: Path) -> list[Sample]:
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """A CSV's column names and rows, names lower-cased and values stripped; DatasetError if it
+    cannot be read."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             fields = [f.strip().lower() for f in reader.fieldnames or []]
-            if "path" not in fields or "label" not in fields:
-                raise DatasetError(
-                    path, f"needs columns path,label[,split]; found {', '.join(fields) or 'none'}"
-                )
             rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in r.items()} for r in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DatasetError(path, f"cannot read CSV: {exc}") from exc
+    return fields, rows
+
+
+def read_labels_csv(path: Path) -> list[Sample]:
+    fields, rows = _read_csv(path)
+    if "path" not in fields or "label" not in fields:
+        raise DatasetError(path, f"needs columns path,label[,split]; found {', '.join(fields) or 'none'}")
     out = []
     for i, r in enumerate(rows, start=2):
         if not r.get("path"):
@@ -168,13 +173,7 @@ def read_findings(data: str | Path) -> dict[Path, npt.NDArray[np.float64]]:
     path = findings_file(data)
     if path is None:
         return {}
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            fields = {(f or "").strip().lower() for f in reader.fieldnames or []}
-            rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in r.items()} for r in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DatasetError(path, f"cannot read CSV: {exc}") from exc
+    fields, rows = _read_csv(path)
     size = "radius_mm" if "radius_mm" in fields else "diameter_mm"
     missing = [c for c in ("path", "x_mm", "y_mm", "z_mm", size) if c not in fields]
     if missing:

@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ctsparse.errors import CtsparseError
-from ctsparse.sparse_volume import SparseVolume
+from ctsparse.sparse_volume import SparseVolume, rows_of
 
 if TYPE_CHECKING:
     import torch
@@ -116,20 +116,11 @@ def _on_chosen_ball(
         inner = site_saliency(model, engine, one, ball, choose, method, device)
     finally:
         model.candidates = saved
-    rows = _rows_in(sv.coords, ball.coords)
+    rows = rows_of(sv.coords, ball.coords)
     values = np.zeros(sv.n_sites, np.float32)
     values[rows] = inner.values
     info = {**inner.info, "candidate_ball": chosen, "ball_sites": ball.n_sites}
     return SiteMap(values, inner.target, inner.logits, int(rows[inner.peak]), info)
-
-
-def _rows_in(table: npt.NDArray[np.int32], query: npt.NDArray[np.int32]) -> npt.NDArray[np.intp]:
-    """For each coordinate of `query` its row in `table` (both (N, 3), every query row present)."""
-    dims = np.maximum(table.max(axis=0), query.max(axis=0)) + 1
-    keys = np.ravel_multi_index(table.T.astype(np.int64), dims)
-    order = np.argsort(keys)
-    pos = np.searchsorted(keys, np.ravel_multi_index(query.T.astype(np.int64), dims), sorter=order)
-    return order[pos]  # type: ignore[no-any-return]
 
 
 def _numpy(logits: torch.Tensor) -> npt.NDArray[np.float64]:

@@ -35,7 +35,7 @@ from ctsparse.models.engine import Check, Engine, LastStage, SiteHooks
 from ctsparse.models.pooled_norm import PooledNorm
 from ctsparse.models.siteconv import SiteTensor, site_conv
 from ctsparse.models.sitemaps import SiteSet
-from ctsparse.sparse_volume import SparseVolume
+from ctsparse.sparse_volume import SparseVolume, rows_of
 
 Sparse: TypeAlias = "ME.SparseTensor | SiteTensor"  # the input decides the implementation
 # Sites in a CPU batch from which ctsparse's kernels beat ME's CPU backend, measured on compact
@@ -297,19 +297,6 @@ def build_sparse(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Mod
     return SparseResNet(cfg, in_channels, num_classes)
 
 
-def _rows_of(table: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """For each coordinate of `query` (N, 3) the row of `table` (M, 3) that holds it (ME keeps
-    its own row order, so rows are matched by value, never assumed)."""
-    dims = np.maximum(table.max(axis=0), query.max(axis=0)) + 1
-    keys = np.ravel_multi_index(table.T, dims)
-    order = np.argsort(keys)
-    pos = np.searchsorted(keys, np.ravel_multi_index(query.T, dims), sorter=order)
-    rows = order[np.minimum(pos, len(order) - 1)]
-    if not np.array_equal(table[rows], query):
-        raise RuntimeError("a site has no covering cell in the sparse tensor")
-    return rows
-
-
 def _last_stage(module: nn.Module, x: Sparse, sv: SparseVolume) -> LastStage:
     model = cast(SparseResNet, module)
     y = model.stages(model.stem(x))  # in the caller's grad mode (engine.LastStage)
@@ -317,7 +304,7 @@ def _last_stage(module: nn.Module, x: Sparse, sv: SparseVolume) -> LastStage:
     # ME keeps coordinates in input units: the cell covering a site is the site floored to the stride
     stride = np.asarray(y.tensor_stride, dtype=np.int64)
     covering = sv.coords.astype(np.int64) // stride * stride
-    rows = _rows_of(y.C[:, 1:].cpu().numpy().astype(np.int64), covering)
+    rows = rows_of(y.C[:, 1:].cpu().numpy().astype(np.int64), covering)
     pooled, x_pooled = None, x
     if model.input_norm is not None:
         # the input pooling reads a leaf of its own, in site order, so that its gradient is the
@@ -345,7 +332,7 @@ def _with_features(x: Sparse, feats: torch.Tensor) -> Sparse:
 
 def _site_rows(x: Sparse, sv: SparseVolume) -> torch.Tensor:
     """For each site of `sv` (its order) the row of the input `x` that holds it."""
-    return torch.from_numpy(_rows_of(x.C[:, 1:].cpu().numpy().astype(np.int64), sv.coords.astype(np.int64)))
+    return torch.from_numpy(rows_of(x.C[:, 1:].cpu().numpy().astype(np.int64), sv.coords.astype(np.int64)))
 
 
 def _input_sites(x: Sparse, sv: SparseVolume) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:

@@ -74,17 +74,15 @@ def batch_loss(logits: torch.Tensor, labels: torch.Tensor, loss_fn: torch.nn.Mod
     means is not: each would be normalised by its own half of the class weights.)
     """
     known = labels[labels != IGNORE]  # candidate balls of unknown class (ctsparse/candidates.py)
-    if not len(known):
-        return logits.sum() * 0.0
     if not d.enabled:
-        return loss_fn(logits, labels)
+        return loss_fn(logits, labels) if len(known) else logits.sum() * 0.0
     weight = getattr(loss_fn, "weight", None)
     per = torch.nn.functional.cross_entropy(
         logits, labels, weight=weight, reduction="none", ignore_index=IGNORE
     )
     local = float(weight[known].sum()) if weight is not None else float(len(known))
-    (total,) = d.sum([local])
-    return per.sum() * d.world / total
+    (total,) = d.sum([local])  # every rank joins, also one whose balls are all of unknown class
+    return per.sum() * d.world / total if total > 0 else per.sum() * 0.0
 
 
 def run_epoch(

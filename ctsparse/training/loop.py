@@ -345,7 +345,8 @@ def _with_findings(
 ) -> tuple[Config, dict[Path, tuple[SparseVolume, int]]]:
     """model.candidates: the findings attached to their scans, and model.background set to the
     one class none of whose scans has a finding."""
-    marked = {classes[y] for p, (_, y) in by_path.items() if p.resolve() in findings}
+    found = {p: findings.get(p.resolve()) for p in by_path}
+    marked = {classes[y] for p, (_, y) in by_path.items() if found[p] is not None}
     unmarked = [c for c in classes if c not in marked]
     if len(unmarked) != 1:
         where = findings_file(data) or data
@@ -353,12 +354,13 @@ def _with_findings(
             where, f"lists findings in scans of {len(marked)} of {len(classes)} classes; model.candidates "
             "needs exactly one class without findings (the background)"
         )  # fmt: skip
-    attached = {
-        p: (sv.with_findings(findings[p.resolve()]) if p.resolve() in findings else sv, y)
-        for p, (sv, y) in by_path.items()
-    }
+    attached = {p: (_marked(sv, found[p]), y) for p, (sv, y) in by_path.items()}
     model = dataclasses.replace(cfg.model, background=classes.index(unmarked[0]))
     return dataclasses.replace(cfg, model=model), attached
+
+
+def _marked(sv: SparseVolume, world: np.ndarray | None) -> SparseVolume:
+    return sv if world is None else sv.with_findings(world)
 
 
 def _ball_loss(
