@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 from ctsparse.config import AugmentConfig, PreprocessConfig
 from ctsparse.data import augment
@@ -89,6 +90,32 @@ def test_augment_moves_hu_channels_only():
     mirrored = feats[:, :8].reshape(-1, 2, 2, 2)[:, ::-1].reshape(2, 8) + 0.1
     np.testing.assert_allclose(out.feats[order, :8], mirrored, rtol=1e-6)
     assert augment.make_params(AugmentConfig(), rng).scale > 0
+
+
+def test_rotation_and_scaling_resample_the_sites_without_holes_or_merges():
+    from ctsparse.sparse_volume import SparseVolume
+
+    g = np.indices((30, 30, 30)).reshape(3, -1).T
+    solid = g[((g - 14.5) ** 2).sum(axis=1) <= 12**2].astype(np.int32)
+    ids = np.arange(len(solid), dtype=np.float32)[:, None]  # each site carries its own row
+    mark = np.array([[3.0, 4.0, 5.0, 1.0]])  # a finding's centre tells where the grid moved
+    sv = SparseVolume(solid, ids, (30, 30, 30), np.eye(4), {"features": "hu"}, marks=mark)
+    for angle, scale in [(0.17, 1.1), (-0.17, 0.9), (0.5, 1.0), (0.0, 1.08)]:
+        out = augment.apply(sv, augment.AugmentParams(False, angle, scale, 0.0))
+        assert len(np.unique(out.coords, axis=0)) == out.n_sites
+        occupied = np.zeros(out.grid_shape, dtype=bool)
+        occupied[tuple(out.coords.T)] = True
+        assert not (ndimage.binary_fill_holes(occupied) & ~occupied).any()
+        assert abs(out.n_sites / (len(solid) * scale**3) - 1) < 0.03
+        # nearest neighbour: each cell, mapped back into the scan, lands in its source's cell
+        c, s = np.cos(angle), np.sin(angle)
+        rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) * scale
+        centre = np.full(3, 14.5)
+        assert out.marks is not None
+        low = (mark[0, :3] - centre) @ rot.T + centre - out.marks[0, :3]
+        back = (out.coords + low - centre) @ np.linalg.inv(rot).T + centre
+        src = solid[out.feats[:, 0].astype(int)]
+        assert np.abs(back - src).max() <= 0.5 + 1e-6
 
 
 def test_closed_form_eigenvalues_match_lapack_on_random_and_degenerate_matrices():

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from ctsparse.config import AugmentConfig
 from ctsparse.sparse_volume import SparseVolume
@@ -40,10 +41,13 @@ def apply(sv: SparseVolume, p: AugmentParams) -> SparseVolume:
     """Flip / rotate / scale the site coordinates (and the findings' centres), shift the HU
     features.
 
-    Rotated and scaled coordinates are rounded back to the grid; sites landing on the same cell
-    keep the first one (at |scale - 1| <= 0.1 and small angles this drops a few percent of sites).
-    For patch features a flip also mirrors the k^3 values inside each block; rotations move whole
-    blocks only, an approximation that is good for the small angles used here.
+    Rotation and scaling resample the sites by nearest neighbour, as a dense image is resampled:
+    every grid cell near the moved sites is mapped back into the scan, and it becomes a site when
+    the cell it lands in is one. Rounding the moved sites forward instead would leave holes where
+    the grid is stretched or turned (a vessel turned into a dotted line, a pit in a nodule) and
+    merge sites where it is squeezed: shapes that no scan has at predict. For patch features a
+    flip also mirrors the k^3 values inside each block; rotations move whole blocks only, an
+    approximation that is good for the small angles used here.
     """
     coords = sv.coords.astype(np.float64)
     feats = sv.feats
@@ -61,21 +65,66 @@ def apply(sv: SparseVolume, p: AugmentParams) -> SparseVolume:
             feats = np.ascontiguousarray(np.concatenate([mirrored, feats[:, n_hu:]], axis=1))
     c, s = np.cos(p.angle_rad), np.sin(p.angle_rad)
     rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) * p.scale
-    coords = (coords - centre) @ rot.T + centre
-    icoords = np.rint(coords).astype(np.int64)
+    if np.allclose(rot, np.eye(3)):
+        icoords = np.rint(coords).astype(np.int64)
+    else:
+        icoords, source = _resample(np.rint(coords).astype(np.int64), rot, centre)
+        feats = feats[source]
     low = icoords.min(axis=0)
     icoords -= low
     if marks is not None:  # findings move with the sites (their radius is in mm)
         marks[:, :3] = (marks[:, :3] - centre) @ rot.T + centre - low
-    _, first = np.unique(icoords, axis=0, return_index=True)
-    first.sort()
-    icoords = icoords[first]
-    feats = feats[first]
     if p.hu_shift:
         scale = float(sv.params.get("hu_scale", 1000.0))
         feats = feats.copy()
         feats[:, :n_hu] += np.float32(p.hu_shift / scale)
     return _moved(sv, icoords, feats, marks)
+
+
+DENSE_CELLS = 1 << 26  # boxes up to this many cells (64 MB of flags) are marked, not sorted
+
+
+def _keys(cells: npt.NDArray[np.int64], low: npt.NDArray[np.int64], size: npt.NDArray[np.int64]) -> Any:
+    c = cells - low
+    return (c[:, 0] * size[1] + c[:, 1]) * size[2] + c[:, 2]
+
+
+def _cells(keys: npt.NDArray[np.int64], low: npt.NDArray[np.int64], size: npt.NDArray[np.int64]) -> Any:
+    return np.stack([keys // (size[1] * size[2]), keys // size[2] % size[1], keys % size[2]], axis=1) + low
+
+
+def _resample(
+    cells: npt.NDArray[np.int64], rot: npt.NDArray[np.float64], centre: npt.NDArray[np.float64]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.intp]]:
+    """Nearest-neighbour resampling of the set of sites `cells` under x -> rot (x - centre) +
+    centre: the cells of the moved set and, for each, the row of the site it was taken from."""
+    moved = (cells - centre) @ rot.T + centre
+    # a cell maps back into site s's cell when it lies within `reach` of s moved, axis by axis
+    reach = 0.5 * np.abs(rot).sum(axis=1)
+    n = int(np.ceil(reach.max()))
+    steps = np.arange(1 - n, n + 1)
+    offsets = np.array(np.meshgrid(steps, steps, steps, indexing="ij")).reshape(3, -1).T
+    base = np.floor(moved).astype(np.int64)
+    lo, size = base.min(axis=0) + 1 - n, base.max(axis=0) - base.min(axis=0) + 2 * n
+    keys = (_keys(base, lo, size)[:, None] + _keys(offsets + lo, lo, size)[None]).reshape(-1)
+    if int(np.prod(size)) <= DENSE_CELLS:  # a mask over the box is faster than sorting
+        seen = np.zeros(int(np.prod(size)), dtype=bool)
+        seen[keys] = True
+        keys = np.flatnonzero(seen)
+    else:
+        keys = np.unique(keys)
+    target = _cells(keys, lo, size)
+    back = np.rint((target - centre) @ np.linalg.inv(rot).T + centre).astype(np.int64)
+    low = cells.min(axis=0)
+    extent = cells.max(axis=0) - low + 1
+    inside = np.all((back >= low) & (back < low + extent), axis=1)
+    target, back = target[inside], back[inside]
+    site_keys = _keys(cells, low, extent)
+    order = np.argsort(site_keys)
+    wanted = _keys(back, low, extent)
+    at = np.minimum(np.searchsorted(site_keys[order], wanted), len(order) - 1)
+    hit = site_keys[order][at] == wanted
+    return target[hit], order[at[hit]]
 
 
 def _moved(sv: SparseVolume, coords: Any, feats: Any, marks: Any) -> SparseVolume:
