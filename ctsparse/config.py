@@ -57,6 +57,10 @@ class PreprocessConfig:
     # 0.7 mm pixels). The planner (ctsparse plan) picks k from the data's spacing instead.
     features: Literal["hu", "patch"] = "patch"
     patch_size: int = 4
+    # One more channel per site after the HU values: a constant 1, the site's occupancy (as
+    # MinkowskiEngine's examples feed ones). Without it the first convolution cannot tell an
+    # absent neighbour (read as 0) from a kept one whose normalised HU is 0 (HU = hu_center).
+    occupancy_channel: bool = False
     # One more channel per site: the multiscale Hessian dot filter (ctsparse/filters.py), large at
     # the centre of round bright objects (nodules), small along vessels and walls.
     blob_channel: bool = False

@@ -301,6 +301,8 @@ def sparsify(volume: Volume, cfg: PreprocessConfig) -> SparseVolume:
         else:
             coords, feats = _encode_hu(hu, keep, cfg, n_kept)
             grid = cropped_shape
+        if cfg.occupancy_channel:
+            feats = np.concatenate([feats, np.ones((len(feats), 1), dtype=np.float32)], axis=1)
     if cfg.blob_channel:
         with stage(times, "blob"):
             dense = (

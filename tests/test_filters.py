@@ -74,6 +74,22 @@ def test_sparsify_appends_the_blob_channel_after_the_patch_values():
     assert blob[site_of[(6, 10, 10)]] > 3 * blob[site_of[(14, 10, 10)]]  # ball block vs tube block
 
 
+def test_the_occupancy_channel_sits_between_the_patch_values_and_the_blob_channel():
+    hu = _lung_with(ball=True, tube=True)
+    hu[:, :, :2] = 40.0
+    vol = Volume(hu, np.eye(4), "blob.nii.gz")
+    base = PreprocessConfig(
+        threshold=-500, body_mask=False, features="patch", patch_size=2, blob_channel=True
+    )
+    plain = sparsify(vol, base)
+    marked = sparsify(vol, PreprocessConfig(**{**base.__dict__, "occupancy_channel": True}))
+    assert marked.n_channels == plain.n_channels + 1 == 10
+    np.testing.assert_array_equal(marked.coords, plain.coords)
+    np.testing.assert_array_equal(marked.feats[:, :8], plain.feats[:, :8])
+    np.testing.assert_array_equal(marked.feats[:, 8], np.ones(marked.n_sites, dtype=np.float32))
+    np.testing.assert_array_equal(marked.feats[:, 9], plain.feats[:, 8])  # the blob channel stays last
+
+
 def test_augment_moves_hu_channels_only():
     rng = np.random.default_rng(0)
     coords = np.array([[0, 0, 0], [3, 1, 2]], dtype=np.int32)
