@@ -134,6 +134,18 @@ def test_rotation_and_scaling_resample_the_sites_without_holes_or_merges():
         assert np.abs(back - src).max() <= 0.5 + 1e-6
 
 
+def test_a_lone_site_survives_every_small_rotation_and_scaling():
+    from ctsparse.sparse_volume import SparseVolume
+
+    sv = SparseVolume(
+        np.array([[5, 5, 5]], np.int32), np.ones((1, 2), np.float32), (10, 10, 10), np.eye(4), {}
+    )
+    for angle in np.linspace(-0.2, 0.2, 9):
+        for scale in (0.9, 0.95, 1.0, 1.1):
+            out = augment.apply(sv, augment.AugmentParams(False, float(angle), scale, 0.0))
+            assert out.n_sites >= 1 and np.all(out.feats == 1.0)
+
+
 def test_closed_form_eigenvalues_match_lapack_on_random_and_degenerate_matrices():
     rng = np.random.default_rng(0)
     a = rng.standard_normal((2000, 3, 3)) * rng.uniform(1e-3, 1e3, (2000, 1, 1))

@@ -124,6 +124,9 @@ def _resample(
     wanted = _keys(back, low, extent)
     at = np.minimum(np.searchsorted(site_keys[order], wanted), len(order) - 1)
     hit = site_keys[order][at] == wanted
+    if not hit.any():  # a few isolated sites squeezed between cells: keep them where they moved
+        kept, first = np.unique(np.rint(moved).astype(np.int64), axis=0, return_index=True)
+        return kept, first
     return target[hit], order[at[hit]]
 
 
