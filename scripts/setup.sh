@@ -59,6 +59,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 VPY="$VENV/bin/python"
+# a download cut off half way is retried and resumed rather than failing the whole setup
+export PIP_RETRIES="${PIP_RETRIES:-10}" PIP_RESUME_RETRIES="${PIP_RESUME_RETRIES:-10}"
 pipq() {
   local out
   if ! out=$("$VPY" -m pip install --quiet --disable-pip-version-check "$@" 2>&1); then
