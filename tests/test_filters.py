@@ -59,6 +59,16 @@ def test_above_hu_max_the_response_measures_shape_not_density():
     assert abs(d / c - 1200.0 / 890.0) < 0.05  # the response follows the density step
 
 
+def _ball_and_tube_scan() -> tuple[Volume, PreprocessConfig]:
+    """The ball-and-tube lung as a scan, and 2^3-patch preprocessing with the blob channel."""
+    hu = _lung_with(ball=True, tube=True)
+    hu[:, :, :2] = 40.0  # something body-like so the body mask has a largest component
+    base = PreprocessConfig(
+        threshold=-500, body_mask=False, features="patch", patch_size=2, blob_channel=True
+    )
+    return Volume(hu, np.eye(4), "blob.nii.gz"), base
+
+
 def test_sparsify_appends_the_blob_channel_after_the_patch_values():
     hu = _lung_with(ball=True, tube=True)
     hu[:, :, :2] = 40.0  # something body-like so the body mask has a largest component
@@ -75,12 +85,7 @@ def test_sparsify_appends_the_blob_channel_after_the_patch_values():
 
 
 def test_the_occupancy_channel_sits_between_the_patch_values_and_the_blob_channel():
-    hu = _lung_with(ball=True, tube=True)
-    hu[:, :, :2] = 40.0
-    vol = Volume(hu, np.eye(4), "blob.nii.gz")
-    base = PreprocessConfig(
-        threshold=-500, body_mask=False, features="patch", patch_size=2, blob_channel=True
-    )
+    vol, base = _ball_and_tube_scan()
     plain = sparsify(vol, base)
     marked = sparsify(vol, PreprocessConfig(**{**base.__dict__, "occupancy_channel": True}))
     assert marked.n_channels == plain.n_channels + 1 == 10
@@ -219,12 +224,7 @@ def test_candidate_sites_keep_the_balls_around_the_strongest_separate_maxima():
 
 
 def test_sparsify_with_blob_candidates_keeps_the_ball_and_drops_the_far_tube():
-    hu = _lung_with(ball=True, tube=True)
-    hu[:, :, :2] = 40.0
-    vol = Volume(hu, np.eye(4), "blob.nii.gz")
-    base = PreprocessConfig(
-        threshold=-500, body_mask=False, features="patch", patch_size=2, blob_channel=True
-    )
+    vol, base = _ball_and_tube_scan()
     every = sparsify(vol, base)
     few = sparsify(vol, PreprocessConfig(**{**base.__dict__, "blob_candidates": 1, "blob_candidate_mm": 6.0}))
     site_of = {tuple(c): i for i, c in enumerate(every.coords.tolist())}
