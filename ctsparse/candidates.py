@@ -30,16 +30,21 @@ if TYPE_CHECKING:
 IGNORE = -100  # torch's ignore_index: a ball whose class is not known
 
 
-def split_balls(sv: SparseVolume, k: int) -> list[SparseVolume]:
-    """The scan's k candidate balls as scans of their own (repeating the first when the scan has
-    fewer maxima: a repeated ball changes no maximum). Each keeps the scan's coordinates."""
+def own_balls(sv: SparseVolume, k: int) -> list[SparseVolume]:
+    """The scan's candidate balls (up to k) as scans of their own, each in the scan's coordinates."""
     radius = float(sv.params.get("blob_candidate_mm", 12.0))
     rows = candidate_balls(sv.coords, sv.feats[:, -1], sv.spacing, k, radius)
-    rows += [rows[0]] * (k - len(rows))
     return [
         replace(sv, coords=np.ascontiguousarray(sv.coords[r]), feats=np.ascontiguousarray(sv.feats[r]))
         for r in rows
     ]
+
+
+def split_balls(sv: SparseVolume, k: int) -> list[SparseVolume]:
+    """The scan's k candidate balls, repeating the first when the scan has fewer maxima (a
+    repeated ball changes no maximum)."""
+    balls = own_balls(sv, k)
+    return balls + [balls[0]] * (k - len(balls))
 
 
 def ball_labels(sv: SparseVolume, balls: Sequence[SparseVolume], label: int, background: int) -> list[int]:

@@ -44,8 +44,20 @@ def collate(
         balls, classes = expand(svs, model.candidates, labels, model.background)
         if orient is not None:
             balls = [random_orientation(b, orient) for b in balls]
-        inputs = engine.collate(balls, device, engine.stride_multiple(model))
-        by_ball = torch.tensor(classes, dtype=torch.long, device=device)
+        assert classes is not None
+        per_ball = collate_balls(balls, classes, model, device)
+        inputs, by_ball = per_ball.inputs, per_ball.labels
     else:
         inputs = engine.inputs(svs, device, model)
     return Batch(inputs, y, by_ball, [sv.n_sites for sv in svs], [sv.source for sv in svs])
+
+
+def collate_balls(
+    balls: Sequence[SparseVolume], labels: Sequence[int], model: ModelConfig, device: torch.device
+) -> Batch:
+    """Candidate balls as the network's per-ball input (model(inputs, per_ball=True)), with their
+    classes as both the labels and the ball labels."""
+    engine = get_engine(model.backend)
+    y = torch.tensor(list(labels), dtype=torch.long, device=device)
+    inputs = engine.collate(list(balls), device, engine.stride_multiple(model))
+    return Batch(inputs, y, y, [b.n_sites for b in balls], [b.source for b in balls])

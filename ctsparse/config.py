@@ -138,7 +138,10 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup_epochs: int = 1
-    balance: Literal["loss", "sampler", "none"] = "loss"
+    # loss: class weights in the loss; sampler: class-balanced sampling of scans; balls (with
+    # model.candidates): batch_size candidate balls per step drawn across all training scans, a
+    # quarter of them finding balls (training/epoch.py, BallPool)
+    balance: Literal["loss", "sampler", "none", "balls"] = "loss"
     # best.pt is the epoch with the highest validation `metric`; epochs tied on it (accuracy moves
     # in steps of 1/n on n validation scans) go to the lower validation loss
     metric: Literal["balanced_accuracy", "accuracy", "auroc", "loss"] = "balanced_accuracy"

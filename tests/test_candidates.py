@@ -133,8 +133,9 @@ def test_findings_csv_takes_radius_or_diameter_and_names_the_file_and_line_it_re
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("balance", ["loss", "balls"])
 def test_a_per_candidate_model_trains_from_findings_and_predict_and_explain_use_its_chosen_ball(
-    tmp_path: Path,
+    tmp_path: Path, balance: str
 ) -> None:
     pytest.importorskip("MinkowskiEngine", reason="MinkowskiEngine is not installed: run scripts/setup.sh")
     from ctsparse.calibration import Decision
@@ -166,8 +167,10 @@ def test_a_per_candidate_model_trains_from_findings_and_predict_and_explain_use_
         "train.epochs=2",
         "train.batch_size=4",
         "augment.orient_balls=true",
+        f"train.balance={balance}",
     ]
-    train(data, tmp_path / "run", load_config(None, sets), device="cpu")
+    result = train(data, tmp_path / "run", load_config(None, sets), device="cpu")
+    assert result.epochs_run == 2
     model, ckpt = build_from_checkpoint(tmp_path / "run" / "best.pt")
     assert ckpt.config.model.background == ckpt.classes.index("normal")
     model.eval()
@@ -212,7 +215,9 @@ def test_training_per_candidate_refuses_before_reading_a_scan_without_findings_o
         train(bare, tmp_path / "run1", load_config(None, [*sets, "model.candidates=4"]), device="cpu")
     with pytest.raises(ConfigError, match=r"is 8 but preprocess\.blob_candidates is 4"):
         train(tiny_dataset, tmp_path / "run2", load_config(None, [*sets, "model.candidates=8"]), device="cpu")
-    assert not (tmp_path / "run1" / "split.json").exists() and not (tmp_path / "run2" / "split.json").exists()
+    with pytest.raises(ConfigError, match=r"train\.balance.*is 'balls', which needs model\.candidates > 0"):
+        train(tiny_dataset, tmp_path / "run3", load_config(None, [*sets, "train.balance=balls"]), device="cpu")
+    assert not any((tmp_path / f"run{i}" / "split.json").exists() for i in (1, 2, 3))
 
 
 def _voxels(sv: SparseVolume, k: int) -> dict[tuple[int, int, int], float]:
@@ -305,3 +310,42 @@ def test_a_rank_whose_balls_are_all_of_unknown_class_still_joins_the_loss_all_re
     )
     torch.testing.assert_close(batch_loss(logits, labels, loss_fn, d), expected)
     assert TwoRanks.calls == 2
+
+
+def _pool_scans() -> list[tuple[SparseVolume, int]]:
+    """Three 3-ball scans (background = class 1): a finding scan marked at its weaker blob, a
+    background scan, and a finding scan without positions (its balls' class is unknown)."""
+    sv = _two_blobs()
+    centre_world = sv.affine @ np.array([22.0, 22.0, 22.0, 1.0])
+    return [(sv.with_findings(np.array([[*centre_world[:3], 3.0]])), 0), (sv, 1), (sv, 0)]
+
+
+def test_a_ball_pool_holds_the_known_balls_and_draws_a_quarter_of_each_batch_from_the_findings():
+    from ctsparse.config import load_config
+    from ctsparse.training.epoch import BallPool
+
+    cfg = load_config(None, ["model.candidates=3", "model.background=1", "train.balance=balls"])
+    pool = BallPool.of(_pool_scans(), cfg)
+    assert pool.labels.tolist() == [1, 0, 1, 1, 1, 1]  # the unmarked finding scan's balls left out
+    assert pool.balls[1].coords[0].tolist() == [22, 22, 22]
+    assert pool.n_batches(2) == 2 and pool.n_batches(64) == 1  # four balls per finding ball
+    rng = np.random.default_rng(0)
+    for n in (1, 4, 7, 64):
+        picks = pool.draw(rng, n)
+        assert len(picks) == n and int(np.sum(pool.labels[picks] == 0)) == max(1, n // 4)
+    # several finding classes, one ball of class 0 and three of class 2: each class gets half
+    # of the finding draws
+    pool3 = BallPool([pool.balls[0]] * 5, np.array([0, 2, 2, 2, 1]), background=1)
+    drawn = pool3.labels[np.concatenate([pool3.draw(rng, 64) for _ in range(200)])]
+    assert np.mean(drawn != 1) == 0.25
+    assert 0.45 < np.mean(drawn[drawn != 1] == 0) < 0.55
+
+
+def test_a_ball_pool_needs_finding_and_background_balls() -> None:
+    from ctsparse.config import load_config
+    from ctsparse.errors import CtsparseError
+    from ctsparse.training.epoch import BallPool
+
+    cfg = load_config(None, ["model.candidates=3", "model.background=1", "train.balance=balls"])
+    with pytest.raises(CtsparseError, match=r"0 finding and 3 background balls"):
+        BallPool.of(_pool_scans()[1:], cfg)

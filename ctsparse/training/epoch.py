@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctsparse.candidates import IGNORE, most_abnormal
-from ctsparse.collate import collate
+from ctsparse.candidates import IGNORE, ball_labels, most_abnormal, own_balls
+from ctsparse.collate import Batch, collate, collate_balls
 from ctsparse.config import Config
 from ctsparse.data import augment
+from ctsparse.errors import ConfigError, CtsparseError
 from ctsparse.sparse_volume import SparseVolume
 from ctsparse.training.distributed import Dist, per_rank_batch, shard
 from ctsparse.training.metrics import classification_metrics
@@ -53,6 +54,67 @@ class EpochProgress:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EpochProgress:
         return cls(int(d["epoch"]), int(d["batches_done"]), d["rng_state"], int(d["world"]), dict(d["sums"]))
+
+
+FINDING_SHARE = 4  # a quarter of a ball batch holds findings: 1:3, as nodule CAD samples candidates
+
+
+@dataclass
+class BallPool:
+    """train.balance "balls" (with model.candidates): every candidate ball of the training scans
+    with its class, drawn into batches across scans.
+
+    A batch of B balls holds B / 4 balls with a finding, drawn with equal weight per finding
+    class, and 3B / 4 background balls, from anywhere in the training set. A scan-level batch
+    (every ball of 8 scans) holds about one finding ball in 64: its gradient is nearly all
+    background. An epoch draws as many finding balls as the training scans hold, so every one
+    is seen about once per epoch. Balls whose class is unknown (a finding class's scan without
+    positions in findings.csv) are left out.
+    """
+
+    balls: list[SparseVolume]
+    labels: np.ndarray
+    background: int
+
+    @classmethod
+    def of(cls, data: Dataset, cfg: Config) -> BallPool:
+        k, bg = cfg.model.candidates, cfg.model.background
+        if k <= 0:
+            raise ConfigError("train.balance", "is 'balls', which needs model.candidates > 0")
+        balls: list[SparseVolume] = []
+        labels: list[int] = []
+        for sv, y in data:
+            mine = own_balls(sv, k)
+            for ball, label in zip(mine, ball_labels(sv, mine, y, bg), strict=True):
+                if label != IGNORE:
+                    balls.append(ball)
+                    labels.append(label)
+        pool = cls(balls, np.array(labels, dtype=np.int64), bg)
+        if not len(pool.findings) or not np.any(pool.labels == bg):
+            raise CtsparseError(
+                f"train.balance 'balls': {len(pool.findings)} finding and "
+                f"{int(np.sum(pool.labels == bg))} background balls among the training scans' "
+                "candidates; both are needed (do the findings lie in the lung region, near a blob maximum?)"
+            )
+        return pool
+
+    @property
+    def findings(self) -> np.ndarray:
+        return np.flatnonzero(self.labels != self.background)
+
+    def n_batches(self, batch_size: int) -> int:
+        return max(1, -(-FINDING_SHARE * len(self.findings) // batch_size))
+
+    def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """n ball indices: a quarter (at least one) finding balls, the rest background."""
+        found = self.findings
+        n_found = max(1, n // FINDING_SHARE)
+        per_class = np.bincount(self.labels[found])
+        p = 1.0 / per_class[self.labels[found]]
+        picks = rng.choice(found, size=n_found, replace=True, p=p / p.sum())
+        rest = rng.choice(np.flatnonzero(self.labels == self.background), size=n - n_found, replace=True)
+        out: np.ndarray = rng.permutation(np.concatenate([picks, rest]))
+        return out
 
 
 def epoch_order(data: Dataset, cfg: Config, rng: np.random.Generator) -> np.ndarray:
@@ -101,24 +163,27 @@ def run_epoch(
     dist: Dist | None = None,
     resume_from: EpochProgress | None = None,
     ball_loss_fn: torch.nn.Module | None = None,
+    pool: BallPool | None = None,
 ) -> dict[str, float] | EpochProgress:
     """Train loss/accuracy/sites-per-second over all ranks, or where it stopped (stop["flag"]).
 
     The stop flag is read between steps: the step in progress always finishes, so the weights,
-    optimizer and scheduler are at a step boundary when the caller saves them.
+    optimizer and scheduler are at a step boundary when the caller saves them. With a `pool`
+    (train.balance "balls") the steps are batches of candidate balls drawn from it, and loss and
+    accuracy are per ball.
     """
     d = dist or Dist()
     model.train()
     if resume_from is not None:
         rng.bit_generator.state = resume_from.rng_state
     start_state = dict(rng.bit_generator.state)
-    order = epoch_order(data, cfg, rng)
+    order = epoch_order(data, cfg, rng) if pool is None else np.zeros(0, dtype=np.int64)
     # one key per epoch, then one generator per position: a sample's augmentation depends on
     # where it sits in the epoch order, not on which rank (or how many ranks) processes it
     epoch_key = int(rng.integers(2**63))
     mine, positions = shard(order, d)
     bs = per_rank_batch(cfg.train.batch_size, d)
-    n_batches = (len(mine) + bs - 1) // bs
+    n_batches = (len(mine) + bs - 1) // bs if pool is None else pool.n_batches(cfg.train.batch_size)
     first = resume_from.batches_done if resume_from is not None else 0
     # carried sums are global: held by rank 0 only, so the all-reduce below counts them once
     carried = resume_from.sums if resume_from is not None and d.is_main else dict.fromkeys(SUMS, 0.0)
@@ -131,22 +196,16 @@ def run_epoch(
             return EpochProgress(
                 epoch, b, start_state, d.world, dict(zip(SUMS, [*sums, elapsed], strict=True))
             )
-        idx = mine[b * bs : (b + 1) * bs]
-        svs = [data[i][0] for i in idx]
-        if cfg.augment.enabled:
-            pos = positions[b * bs : (b + 1) * bs]
-            svs = [
-                augment.apply(
-                    sv, augment.make_params(cfg.augment, np.random.default_rng([epoch_key, int(p)]))
-                )
-                for sv, p in zip(svs, pos, strict=True)
-            ]
-        orient = None
-        if cfg.augment.enabled and cfg.augment.orient_balls and cfg.model.candidates:
-            orient = np.random.default_rng([epoch_key, int(positions[b * bs]), 1])
-        batch = collate(svs, [data[i][1] for i in idx], cfg.model, dev, orient)
+        if pool is not None:
+            batch = _ball_batch(pool, cfg, dev, epoch_key, b, d)
+        else:
+            at = slice(b * bs, (b + 1) * bs)
+            batch = _scan_batch(data, cfg, dev, epoch_key, mine[at], positions[at])
         assert batch.labels is not None
-        if batch.ball_labels is not None and ball_loss_fn is not None:  # model.candidates
+        if pool is not None and ball_loss_fn is not None:
+            logits = model(batch.inputs, per_ball=True)
+            loss = batch_loss(logits, batch.labels, ball_loss_fn, d)
+        elif batch.ball_labels is not None and ball_loss_fn is not None:  # model.candidates
             by_ball = model(batch.inputs, per_ball=True)
             loss = batch_loss(by_ball, batch.ball_labels, ball_loss_fn, d)
             logits = most_abnormal(by_ball.detach(), cfg.model.candidates, cfg.model.background)
@@ -159,9 +218,9 @@ def run_epoch(
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
         scheduler.step()
-        losses += float(loss.detach()) * len(idx)
-        correct += int((logits.argmax(1) == batch.labels).sum())
-        seen += len(idx)
+        losses += float(loss.detach()) * len(batch.labels)
+        correct += int((logits.detach().argmax(1) == batch.labels).sum())
+        seen += len(batch.labels)
         sites += sum(batch.n_sites)
         elapsed = time.perf_counter() - t0
         emit(
@@ -179,6 +238,40 @@ def run_epoch(
     return {"loss": losses / max(seen, 1), "accuracy": correct / max(seen, 1), "sites_per_s": sites / elapsed}
 
 
+def _scan_batch(
+    data: Dataset, cfg: Config, dev: torch.device, epoch_key: int, idx: np.ndarray, positions: np.ndarray
+) -> Batch:
+    """The scans at `idx` of the epoch order (at `positions` in it), augmented."""
+    svs = [data[i][0] for i in idx]
+    if cfg.augment.enabled:
+        svs = [
+            augment.apply(sv, augment.make_params(cfg.augment, np.random.default_rng([epoch_key, int(p)])))
+            for sv, p in zip(svs, positions, strict=True)
+        ]
+    orient = None
+    if cfg.augment.enabled and cfg.augment.orient_balls and cfg.model.candidates:
+        orient = np.random.default_rng([epoch_key, int(positions[0]), 1])
+    return collate(svs, [data[i][1] for i in idx], cfg.model, dev, orient)
+
+
+def _ball_batch(pool: BallPool, cfg: Config, dev: torch.device, epoch_key: int, b: int, d: Dist) -> Batch:
+    """Step b's global batch of balls drawn from the pool, this rank's share of it augmented:
+    each ball as its scan would be (augment.apply), then turned to a random grid orientation
+    (augment.orient_balls). The draw and each ball's augmentation depend on the step and the
+    ball's position in it, not on the rank."""
+    mine, positions = shard(pool.draw(np.random.default_rng([epoch_key, b]), cfg.train.batch_size), d)
+    balls = []
+    for i, p in zip(mine, positions, strict=True):
+        ball = pool.balls[i]
+        if cfg.augment.enabled:
+            g = np.random.default_rng([epoch_key, b, int(p)])
+            ball = augment.apply(ball, augment.make_params(cfg.augment, g))
+            if cfg.augment.orient_balls:
+                ball = augment.random_orientation(ball, g)
+        balls.append(ball)
+    return collate_balls(balls, pool.labels[mine].tolist(), cfg.model, dev)
+
+
 @torch.no_grad()
 def predict_logits(
     model: torch.nn.Module, svs: list[SparseVolume], cfg: Config, dev: torch.device
@@ -186,6 +279,8 @@ def predict_logits(
     model.eval()
     out = []
     bs = cfg.train.batch_size
+    if cfg.train.balance == "balls":  # the batch counts balls: as many scans as hold that many
+        bs = max(1, bs // max(1, cfg.model.candidates))
     for b in range(0, len(svs), bs):
         batch = collate(svs[b : b + bs], None, cfg.model, dev)
         out.append(model(batch.inputs).float().cpu().numpy())

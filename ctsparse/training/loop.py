@@ -38,7 +38,14 @@ from ctsparse.prepare import prepare_scans
 from ctsparse.sparse_volume import SparseVolume
 from ctsparse.training import distributed as ddp
 from ctsparse.training import history as hist
-from ctsparse.training.epoch import EpochProgress, evaluate, predict_logits, probs_metrics, run_epoch
+from ctsparse.training.epoch import (
+    BallPool,
+    EpochProgress,
+    evaluate,
+    predict_logits,
+    probs_metrics,
+    run_epoch,
+)
 from ctsparse.training.resume import resume_config
 from ctsparse.training.run_folder import RUN_FILES
 
@@ -179,18 +186,25 @@ def _train(
     model = ddp.wrap(raw, d, dev, sync_bn=cfg.train.sync_bn)
     raw = ddp.unwrap(model)  # (SyncBN-converted) module whose state_dict goes into checkpoints
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    pool = BallPool.of(train_set, cfg) if cfg.train.balance == "balls" else None
     steps = ddp.steps_per_epoch(len(train_set), cfg.train.batch_size, d)
+    if pool is not None:
+        steps = pool.n_batches(cfg.train.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(cfg.train.epochs * steps, cfg.train.warmup_epochs * steps)
     )
     counts = np.bincount([y for _, y in train_set], minlength=len(classes)).astype(np.float64)
     weights = None
-    if cfg.train.balance == "loss":
+    if cfg.train.balance in ("loss", "balls"):  # balls: for the validation loss
         weights = torch.tensor(
             counts.sum() / (len(classes) * np.maximum(counts, 1)), dtype=torch.float32, device=dev
         )
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
-    ball_loss_fn = _ball_loss(train_set, cfg, len(classes), dev) if cfg.model.candidates > 0 else None
+    ball_loss_fn: torch.nn.Module | None = None
+    if pool is not None:  # the draw balances the classes
+        ball_loss_fn = torch.nn.CrossEntropyLoss(ignore_index=IGNORE)
+    elif cfg.model.candidates > 0:
+        ball_loss_fn = _ball_loss(train_set, cfg, len(classes), dev)
 
     start_epoch, best_score, best_epoch, bad_epochs = 1, -math.inf, 0, 0
     best_loss = math.inf  # breaks ties of the metric: 40 validation scans give coarse scores
@@ -266,7 +280,7 @@ def _train(
             partial = None
             tr = run_epoch(
                 model, train_set, cfg, dev, optimizer, scheduler, loss_fn, rng, epoch, emit, stop,
-                dist=d, resume_from=resume_from, ball_loss_fn=ball_loss_fn,
+                dist=d, resume_from=resume_from, ball_loss_fn=ball_loss_fn, pool=pool,
             )  # fmt: skip
             if isinstance(tr, EpochProgress):  # stopped between two steps: save that step
                 save_last(epoch - 1, tr)
@@ -323,6 +337,8 @@ def _train(
 def _findings_for_candidates(data: str | Path, cfg: Config) -> dict[Path, np.ndarray]:
     """DATA/findings.csv when model.candidates asks for it (checked before any scan is read)."""
     if cfg.model.candidates == 0:
+        if cfg.train.balance == "balls":
+            raise ConfigError("train.balance", "is 'balls', which needs model.candidates > 0")
         return {}
     if cfg.preprocess.blob_candidates != cfg.model.candidates:
         raise ConfigError(
