@@ -216,7 +216,8 @@ def test_training_per_candidate_refuses_before_reading_a_scan_without_findings_o
     with pytest.raises(ConfigError, match=r"is 8 but preprocess\.blob_candidates is 4"):
         train(tiny_dataset, tmp_path / "run2", load_config(None, [*sets, "model.candidates=8"]), device="cpu")
     with pytest.raises(ConfigError, match=r"train\.balance.*is 'balls', which needs model\.candidates > 0"):
-        train(tiny_dataset, tmp_path / "run3", load_config(None, [*sets, "train.balance=balls"]), device="cpu")
+        balls = load_config(None, [*sets, "train.balance=balls"])
+        train(tiny_dataset, tmp_path / "run3", balls, device="cpu")
     assert not any((tmp_path / f"run{i}" / "split.json").exists() for i in (1, 2, 3))
 
 
