@@ -79,6 +79,12 @@ class TrainDisplay:
                 )
                 + (f"  (resuming at epoch {info['start_epoch']})" if info["start_epoch"] > 1 else "")
             )
+            if info.get("balls"):
+                n = info["balls"]
+                console.print(
+                    f"candidate balls of the train scans: {n['finding']:,} with a finding, "
+                    f"{n['background']:,} background; {n['steps']} steps of {n['batch']} balls per epoch"
+                )
             self.epoch_task = p.add_task(
                 "epochs", total=info["epochs"], completed=info["start_epoch"] - 1, info=""
             )

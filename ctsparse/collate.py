@@ -12,7 +12,7 @@ import torch
 
 from ctsparse.candidates import expand
 from ctsparse.config import ModelConfig
-from ctsparse.data.augment import random_orientation
+from ctsparse.data.augment import aligned, random_orientation
 from ctsparse.models.registry import get_engine
 from ctsparse.sparse_volume import SparseVolume
 
@@ -55,9 +55,10 @@ def collate(
 def collate_balls(
     balls: Sequence[SparseVolume], labels: Sequence[int], model: ModelConfig, device: torch.device
 ) -> Batch:
-    """Candidate balls as the network's per-ball input (model(inputs, per_ball=True)), with their
-    classes as both the labels and the ball labels."""
+    """Candidate balls as the network's per-ball input (model(inputs, per_ball=True)), each
+    aligned on the network's strides (augment.aligned), with their classes as both the labels and
+    the ball labels."""
     engine = get_engine(model.backend)
     y = torch.tensor(list(labels), dtype=torch.long, device=device)
-    inputs = engine.collate(list(balls), device, engine.stride_multiple(model))
+    inputs = engine.collate([aligned(b) for b in balls], device, engine.stride_multiple(model))
     return Batch(inputs, y, y, [b.n_sites for b in balls], [b.source for b in balls])

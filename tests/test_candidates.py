@@ -179,7 +179,9 @@ def test_a_per_candidate_model_trains_from_findings_and_predict_and_explain_use_
     sv = sparsify(read_volume(scan), ckpt.config.preprocess)
     balls = split_balls(sv, 6)
     with torch.no_grad():
-        by_ball = model(engine.collate(balls, torch.device("cpu"), 1), per_ball=True)
+        by_ball = model(
+            engine.collate([augment.aligned(b) for b in balls], torch.device("cpu"), 1), per_ball=True
+        )
         whole = model(engine.inputs([sv], torch.device("cpu"), ckpt.config.model))
     torch.testing.assert_close(whole, most_abnormal(by_ball, 6, ckpt.config.model.background))
     (row,) = predict(tmp_path / "run" / "best.pt", [scan])
@@ -350,3 +352,19 @@ def test_a_ball_pool_needs_finding_and_background_balls() -> None:
     cfg = load_config(None, ["model.candidates=3", "model.background=1", "train.balance=balls"])
     with pytest.raises(CtsparseError, match=r"0 finding and 3 background balls"):
         BallPool.of(_pool_scans()[1:], cfg)
+
+
+def test_a_ball_meets_the_network_aligned_on_its_strides_wherever_its_scan_put_it() -> None:
+    sv = _two_blobs()
+    centre_world = sv.affine @ np.array([22.0, 22.0, 21.0, 1.0])
+    marked = sv.with_findings(np.array([[*centre_world[:3], 3.0]]))
+    ball = split_balls(marked, 2)[1]
+    out = augment.aligned(ball)
+    assert out.coords.min() >= 0 and np.all(out.coords[0] % augment.ALIGN == 0)
+    np.testing.assert_array_equal(out.coords - out.coords[0], ball.coords - ball.coords[0])
+    np.testing.assert_array_equal(out.feats, ball.feats)
+    assert out.marks is not None and ball.marks is not None
+    np.testing.assert_allclose(out.marks[:, :3] - out.coords[0], ball.marks[:, :3] - ball.coords[0])
+    for shift in ([1, 0, 0], [5, 3, 7], [15, 15, 15]):
+        moved = SparseVolume(ball.coords + np.int32(shift), ball.feats, (40, 40, 40), ball.affine)
+        np.testing.assert_array_equal(augment.aligned(moved).coords, out.coords)

@@ -13,7 +13,13 @@ from ctsparse.config import Config, load_config, to_dict
 from ctsparse.plan import Budget, Fingerprint, Measurements, fingerprint, make_plan, resolve_config
 from ctsparse.plan.intensity import kind_of, otsu
 from ctsparse.plan.measure import StepFigure
-from ctsparse.plan.rules import BLOB_CANDIDATES, CROSS_SPEEDUP, FOCAL_AUROC, blob_separation
+from ctsparse.plan.rules import (
+    BLOB_CANDIDATES,
+    CROSS_SPEEDUP,
+    FOCAL_AUROC,
+    blob_separation,
+    measure_candidates,
+)
 from tests.plan_helpers import write_dataset
 
 BUDGET = Budget(device="cpu", memory_bytes=8 << 30, train_minutes=10.0, site_budget=40_000)
@@ -34,7 +40,7 @@ def chest_fp(chest: Path) -> Fingerprint:
 
 
 def test_hu_chest_phantoms_plan_hu_defaults_and_the_lung_region(chest_fp: Fingerprint) -> None:
-    fp = chest_fp
+    fp = dataclasses.replace(chest_fp, findings={})  # scan labels only: per-ball training is below
     assert fp.kind == "hu" and fp.n_read == 6
     assert all(s.lungs_found and (s.lung_ml or 0) > 1000 for s in fp.scans)
     assert fp.site_threshold == -500.0
@@ -102,7 +108,7 @@ def test_the_candidate_stage_is_planned_for_a_focal_finding_only(
     resolve_config(v)  # valid either way
 
 
-def test_findings_are_counted_and_the_plan_names_the_per_candidate_option(chest_fp: Fingerprint) -> None:
+def test_findings_with_one_background_class_plan_per_ball_training(chest_fp: Fingerprint) -> None:
     # generate_phantoms writes findings.csv with the nodule of every nodule scan
     n_nodule = chest_fp.class_counts["nodule"]
     assert chest_fp.findings == {"nodule": n_nodule}
@@ -113,14 +119,37 @@ def test_findings_are_counted_and_the_plan_names_the_per_candidate_option(chest_
     fp = dataclasses.replace(chest_fp, scans=focal)
     v = make_plan(fp, None, BUDGET).values
     assert v["preprocess.blob_candidates"].value == BLOB_CANDIDATES
-    assert v["model.candidates"].value == 0
+    assert v["model.candidates"].value == BLOB_CANDIDATES
     said = v["model.candidates"].reason
     assert f"findings.csv marks {n_nodule} of {n_nodule} 'nodule' scans" in said
-    assert f"--set model.candidates={BLOB_CANDIDATES}" in said and "'normal' as the background" in said
-    others = (({}, "no readable findings.csv"), ({"nodule": 2, "normal": 1}, "no one class without findings"))
+    assert "'normal' as the background" in said and "--set model.candidates=0" in said
+    # each ball on sites of at least 2.5 mm (these phantoms are coarser: kept), every voxel a site,
+    # air at 0 with the kept-site channel, the 27-neighbour kernel, balls drawn across scans
+    assert v["preprocess.spacing"].value == [max(2.5, a) for a in fp.analysis_spacing]
+    assert (v["preprocess.features"].value, v["preprocess.patch_size"].value) == ("hu", 1)
+    assert v["preprocess.occupancy_channel"].value is True and v["preprocess.hu_center"].value == -1000.0
+    assert v["model.kernel"].value == "cube" and v["model.input_pooling"].value is False
+    assert v["augment.orient_balls"].value is True and v["augment.rotate_deg"].value == 0.0
+    assert (v["train.balance"].value, v["train.batch_size"].value) == ("balls", 64)
+    assert "estimated (not measured)" in v["train.epochs"].reason
+    cfg = resolve_config(v)
+    assert cfg.model.candidates == cfg.preprocess.blob_candidates == BLOB_CANDIDATES
+    # the device measurement times the cube kernel on the ball grid; the epochs follow it
+    assert measure_candidates(fp, BUDGET) == [("cube", 1)]
+    for step_s, epochs in ((0.001, 100), (60.0, 10)):
+        steps = [StepFigure("cube", 1, 3000, 3, step_s, [step_s] * 3, 10 << 20)]
+        meas = Measurements("cpu", 2, "s0.nii.gz", None, "lungs", "RSS", 3.0, steps)
+        timed = make_plan(fp, meas, BUDGET).values["train.epochs"]
+        assert timed.value == epochs and "measured on cpu" in timed.reason
+    others = (
+        ({}, "no readable findings.csv"),
+        ({"nodule": 2, "normal": 1}, "no one class without findings"),
+        ({"nodule": 2}, "findings.csv marks only 2 of"),
+    )
     for findings, why in others:
         v = make_plan(dataclasses.replace(fp, findings=findings), None, BUDGET).values
         assert v["model.candidates"].value == 0 and why in v["model.candidates"].reason
+        assert "train.balance" not in v and v["preprocess.hu_center"].value == -400.0
     # no candidate stage: nothing to say about balls
     flat = tuple(dataclasses.replace(s, blob_max=1.0) for s in chest_fp.scans)
     v = make_plan(dataclasses.replace(chest_fp, scans=flat), None, BUDGET).values

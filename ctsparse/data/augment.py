@@ -168,12 +168,29 @@ def orient(
     return _moved(sv, coords, feats, None)
 
 
+def aligned(sv: SparseVolume) -> SparseVolume:
+    """`sv` moved by whole sites so that its first site (a candidate ball's maximum) sits on a
+    multiple of ALIGN on every axis, with no negative coordinate.
+
+    A network with stride-2 stages is not shift-invariant: where a ball's centre falls among the
+    cells of each stage changes its features. Every ball is aligned before the network sees it,
+    at training and at predict, so the network learns one placement of the centre instead of
+    all 16^3 a scan can give it."""
+    coords = sv.coords.astype(np.int64)
+    rel = coords - coords[0]
+    base = ALIGN * -(-int(-rel.min(initial=0)) // ALIGN)
+    marks = None
+    if sv.marks is not None:
+        marks = sv.marks.copy()
+        marks[:, :3] += base - coords[0]
+    return _moved(sv, rel + base, sv.feats, marks)
+
+
 def random_orientation(sv: SparseVolume, rng: np.random.Generator) -> SparseVolume:
     """`orient` with every axis flipped at random and the axes whose site sizes agree (within
     1 %) shuffled: all 48 orientations of the cube on an isotropic grid, the 16 that keep the
     slice axis on 2.5 x 2.5 x 5 mm sites. The ball starts at a random offset below ALIGN on every
-    axis: a network with stride-2 stages is not shift-invariant, and at predict a ball sits
-    wherever its scan put it, so training must not always align it the same way."""
+    axis (which `aligned` undoes where balls meet the network)."""
     mm = np.asarray(sv.spacing)
     order = list(range(3))
     groups: dict[int, list[int]] = {}  # axes of equal site size, keyed by the first of them

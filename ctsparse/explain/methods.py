@@ -102,18 +102,19 @@ def _on_chosen_ball(
     import torch
 
     from ctsparse.candidates import most_abnormal_ball, split_balls
+    from ctsparse.data.augment import aligned
 
     k = cfg.candidates
     balls = split_balls(sv, k)
     with torch.no_grad():
-        by_ball = model(engine.collate(balls, device, engine.stride_multiple(cfg)), per_ball=True)
+        by_ball = model(engine.inputs([sv], device, cfg), per_ball=True)
         chosen = int(most_abnormal_ball(by_ball, k, cfg.background)[0])
     ball = balls[chosen]
     one = dataclasses.replace(cfg, candidates=0)
     saved = model.candidates
     model.candidates = 0  # type: ignore[assignment]  # the ball's own logits are the scan's
-    try:
-        inner = site_saliency(model, engine, one, ball, choose, method, device)
+    try:  # the ball as the network saw it (aligned: its rows are the ball's, in order)
+        inner = site_saliency(model, engine, one, aligned(ball), choose, method, device)
     finally:
         model.candidates = saved
     rows = rows_of(sv.coords, ball.coords)

@@ -129,9 +129,10 @@ class Engine:
 
     def inputs(self, svs: Sequence[SparseVolume], device: torch.device, cfg: ModelConfig) -> Any:
         """The model's input for a batch of scans, on `device` (for model.candidates: K, the K
-        candidate balls of every scan, scan after scan)."""
+        candidate balls of every scan, scan after scan, each aligned on the network's strides)."""
         if cfg.candidates > 0:
             from ctsparse.candidates import expand
+            from ctsparse.data.augment import aligned
 
-            svs = expand(svs, cfg.candidates)[0]
+            svs = [aligned(b) for b in expand(svs, cfg.candidates)[0]]
         return self.collate(svs, device, self.stride_multiple(cfg))

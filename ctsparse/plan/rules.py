@@ -76,6 +76,24 @@ BLOB_CANDIDATE_MM = 12.0
 # and 0.65 with the labels of one of them shuffled.
 FOCAL_AUROC = 0.7
 MIN_PER_CLASS = 3
+# Per-ball training: when findings.csv says where the findings are, and one class of scans has
+# none (the background), each candidate ball is classified on its own and trained on batches of
+# balls drawn across all scans, a quarter of them finding balls (train.balance "balls"). Each
+# ball is seen on sites of at least BALL_SITE_MM, every voxel a site (a 12 mm ball about ten
+# sites across), with the kept-site channel and air at 0 (a kept air-like site must not read as
+# an absent one), in all the grid's orientations (no small rotations or scaling: each ball's
+# lattice symmetries), by a three-stage network with the 27-neighbour kernel. On 600 default
+# phantoms against 200 of another seed this beat the scan-label path (docs/benchmarks.md,
+# "Per-ball training").
+BALL_SITE_MM = 2.5
+BALL_WIDTHS, BALL_DEPTHS = [16, 32, 64], [1, 1, 1]
+BALL_BATCH = 64
+BALL_LR = 0.003
+BALL_WARMUP_EPOCHS = 5
+BALL_AIR_HU = -1000.0
+# Finding balls per marked scan, for the epoch estimate: 248 in 240 training phantoms (a
+# nodule's centre can be near two maxima, and a few are missed by the candidate stage).
+FINDING_BALLS_PER_SCAN = 1.0
 # Schedule. The training loop's time budget (preprocessing into the cache comes on top).
 TRAIN_MINUTES = {"cpu": 10.0, "cuda": 30.0}
 EPOCHS = (10, 100)  # fewer than 10 barely leaves the warm-up; more than 100 is overfitting time
@@ -262,10 +280,8 @@ def _candidates(fp: Fingerprint) -> dict[str, Planned]:
 
 
 def _per_candidate(fp: Fingerprint, n_balls: int) -> Planned:
-    """Whether to classify each candidate ball on its own (model.candidates). Not planned: told by
-    findings.csv which ball holds the nodule, the network did no better on held-out phantoms than
-    from scan labels alone (docs/benchmarks.md, "One answer per candidate ball"); the reason says
-    when the dataset would allow it."""
+    """Whether to classify each candidate ball on its own (model.candidates): when findings.csv
+    marks at least MIN_PER_CLASS scans and leaves exactly one class without findings."""
     if not fp.findings:
         return Planned(
             0, "scan labels only (no readable findings.csv): the network sees a scan's balls together"
@@ -274,12 +290,95 @@ def _per_candidate(fp: Fingerprint, n_balls: int) -> Planned:
     marked = ", ".join(f"{n} of {fp.class_counts[c]} '{c}' scans" for c, n in fp.findings.items())
     if len(background) != 1:
         return Planned(0, f"findings.csv marks {marked}: no one class without findings as the background")
+    if sum(fp.findings.values()) < MIN_PER_CLASS:
+        return Planned(0, f"findings.csv marks only {marked} ({MIN_PER_CLASS} wanted): scan labels")
     return Planned(
-        0,
-        f"findings.csv marks {marked}, so --set model.candidates={n_balls} would classify each ball on "
-        f"its own with '{background[0]}' as the background; not planned: on phantoms it did no "
-        "better than the scan labels (docs/benchmarks.md)",
+        n_balls,
+        f"findings.csv marks {marked}: each of the {n_balls} balls is classified on its own, "
+        f"'{background[0]}' as the background, and the scan answers with its most abnormal ball "
+        "(the false-positive reduction stage of lung CAD); --set model.candidates=0 classifies the "
+        "balls together from the scan labels",
     )
+
+
+def per_ball(values: dict[str, Planned]) -> bool:
+    cand = values.get("model.candidates")
+    return cand is not None and int(cand.value) > 0
+
+
+def _ball_inputs(fp: Fingerprint) -> dict[str, Planned]:
+    """Grid, encoding, network and augmentation of per-ball training (see BALL_SITE_MM)."""
+    native = [float(v) for v in fp.analysis_spacing]
+    spacing = [max(v, BALL_SITE_MM) for v in native]
+    txt = " x ".join(f"{v:g}" for v in spacing)
+    sp_why = (
+        f"per ball: sites of at least {BALL_SITE_MM:g} mm ({txt} mm from the median "
+        f"{' x '.join(f'{v:g}' for v in native)} mm), so a {BLOB_CANDIDATE_MM:g} mm ball is about "
+        f"{2 * BLOB_CANDIDATE_MM / max(spacing):.0f} sites across"
+    )
+    enc = (
+        "per ball: air maps to 0 and a channel marks the kept sites, so a kept air-like site is not "
+        "read as an absent one"
+    )
+    orient = "per ball: each training ball in a random orientation of the grid (all 48 on isotropic sites)"
+    lattice = "per ball: the grid's own orientations (augment.orient_balls), which move no site off the grid"
+    net = "per ball: three stages of 16, 32, 64 channels cover a 12 mm ball"
+    return {
+        "preprocess.spacing": Planned(spacing, sp_why),
+        "preprocess.features": Planned("hu", "per ball: every voxel a site"),
+        "preprocess.patch_size": Planned(1, "per ball: every voxel a site"),
+        "preprocess.occupancy_channel": Planned(True, enc),
+        "preprocess.hu_center": Planned(BALL_AIR_HU, enc),
+        "preprocess.hu_scale": Planned(LUNG_SCALE_HU, enc),
+        "model.widths": Planned(BALL_WIDTHS, net),
+        "model.depths": Planned(BALL_DEPTHS, net),
+        "model.kernel": Planned("cube", "per ball: all 27 neighbours, on a few hundred sites a ball"),
+        "model.input_pooling": Planned(False, "per ball: the ball's own features decide"),
+        "augment.orient_balls": Planned(True, orient),
+        "augment.rotate_deg": Planned(0.0, lattice),
+        "augment.scale": Planned([1.0, 1.0], lattice),
+    }
+
+
+def _ball_training(
+    fp: Fingerprint, meas: Measurements | None, budget: Budget, n_balls: int
+) -> dict[str, Planned]:
+    """Batch, learning rate and epochs of per-ball training: an epoch draws every finding ball
+    about once, with three background balls for each (training/epoch.py, BallPool)."""
+    fig = meas.step("cube", 1) if meas is not None else None
+    if fig is not None:
+        scan_step, src = fig.step_s, f"measured on {meas.device if meas else ''}"
+    else:
+        sites = median_sites(fp, "lungs", 1) or median_sites(fp, "body", 1) or 0.0
+        scan_step, src = sites * STEP_S_PER_SITE[budget.device], "estimated (not measured)"
+    marked = sum(fp.findings.values()) * fp.n_train / max(fp.n_scans, 1)
+    steps = max(1, math.ceil(4 * FINDING_BALLS_PER_SCAN * marked / BALL_BATCH))
+    step = scan_step * BALL_BATCH / n_balls
+    epoch_s = max((steps * step + fp.n_val * scan_step * EVAL_COST) * EPOCH_OVERHEAD, 1e-3)
+    budget_s = budget.train_minutes * 60
+    raw = budget_s / epoch_s
+    epochs = min(max(int(raw), EPOCHS[0]), EPOCHS[1])
+    e_why = (
+        f"{budget.train_minutes:g} min / {epoch_s:.1f} s per epoch (about {steps} steps of {BALL_BATCH} "
+        f"balls, {marked:.0f} marked train scans x {FINDING_BALLS_PER_SCAN:g} finding ball x 4; "
+        f"{scan_step * 1e3:.0f} ms per scan of {n_balls} balls, {src}; + validation, x "
+        f"{EPOCH_OVERHEAD:g} for the rest of an epoch) = {raw:.0f}, within {EPOCHS[0]}..{EPOCHS[1]}"
+    )
+    patience = min(epochs, max(PATIENCE_MIN, round(epochs * PATIENCE_SHARE)))
+    m_why = "the time budget: the run stops at the first epoch boundary that would overrun it"
+    return {
+        "train.balance": Planned(
+            "balls",
+            "per ball: each step draws balls across all scans, a quarter with a finding (1:3 as "
+            "nodule CAD samples candidates); a batch of whole scans holds about one in 32",
+        ),
+        "train.batch_size": Planned(BALL_BATCH, "per ball: balls per step"),
+        "train.lr": Planned(BALL_LR, f"per ball: at batch {BALL_BATCH}"),
+        "train.warmup_epochs": Planned(BALL_WARMUP_EPOCHS, "per ball: epochs are a few steps each"),
+        "train.epochs": Planned(epochs, e_why),
+        "train.patience": Planned(patience, f"{PATIENCE_SHARE:.0%} of the epochs (at least {PATIENCE_MIN})"),
+        "train.max_minutes": Planned(budget.train_minutes, m_why),
+    }
 
 
 def input_limit(fp: Fingerprint) -> float:
@@ -356,6 +455,8 @@ def plan_preprocess(fp: Fingerprint, budget: Budget) -> dict[str, Planned]:
     """The preprocessing part of the plan (what the device measurement runs on)."""
     s = summarize(fp)
     out = _intensity(fp, s) | _region(fp)
+    if per_ball(out):
+        return out | _ball_inputs(fp)
     return out | _grid(fp, str(out["preprocess.region"].value), budget)
 
 
@@ -363,6 +464,8 @@ def measure_candidates(fp: Fingerprint, budget: Budget) -> list[tuple[str, int]]
     """(kernel, patch size) pairs worth timing: the planned patch size and every other candidate
     within the input-grid limit and the site budget, each with the cube and the cross kernel."""
     pre = plan_preprocess(fp, budget)
+    if per_ball(pre):
+        return [("cube", 1)]
     k = int(pre["preprocess.patch_size"].value)
     region = str(pre["preprocess.region"].value)
     spacing = [float(v) for v in pre["preprocess.spacing"].value]
@@ -508,16 +611,19 @@ def _coarser_patch(fp: Fingerprint, meas: Measurements, budget: Budget, values: 
 def make_plan(fp: Fingerprint, meas: Measurements | None, budget: Budget) -> Plan:
     """The plan: every value with its reason (pure: no I/O, no clock, no randomness)."""
     values = plan_preprocess(fp, budget)
-    if meas is not None and values["preprocess.features"].value == "patch":
-        _coarser_patch(fp, meas, budget, values)
-    k = int(values["preprocess.patch_size"].value)
-    region = str(values["preprocess.region"].value)
-    values["model.kernel"] = _kernel(meas, k)
-    blob = bool(values["preprocess.blob_channel"].value)
-    values["model.input_pooling"] = Planned(
-        blob, "the pooled blob channel reaches the head directly" if blob else "no blob channel"
-    )
-    values |= _training(fp, meas, budget, str(values["model.kernel"].value), k, region)
+    if per_ball(values):
+        values |= _ball_training(fp, meas, budget, int(values["model.candidates"].value))
+    else:
+        if meas is not None and values["preprocess.features"].value == "patch":
+            _coarser_patch(fp, meas, budget, values)
+        k = int(values["preprocess.patch_size"].value)
+        region = str(values["preprocess.region"].value)
+        values["model.kernel"] = _kernel(meas, k)
+        blob = bool(values["preprocess.blob_channel"].value)
+        values["model.input_pooling"] = Planned(
+            blob, "the pooled blob channel reaches the head directly" if blob else "no blob channel"
+        )
+        values |= _training(fp, meas, budget, str(values["model.kernel"].value), k, region)
     values["data.workers"] = _workers(fp, budget)
     notes = []
     if fp.kind != "hu":

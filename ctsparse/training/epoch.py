@@ -102,6 +102,16 @@ class BallPool:
     def findings(self) -> np.ndarray:
         return np.flatnonzero(self.labels != self.background)
 
+    def counts(self, batch_size: int) -> dict[str, int]:
+        n_found = len(self.findings)
+        steps = self.n_batches(batch_size)
+        return {
+            "finding": n_found,
+            "background": len(self.labels) - n_found,
+            "steps": steps,
+            "batch": batch_size,
+        }
+
     def n_batches(self, batch_size: int) -> int:
         return max(1, -(-FINDING_SHARE * len(self.findings) // batch_size))
 

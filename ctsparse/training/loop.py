@@ -268,6 +268,7 @@ def _train(
             "start_epoch": start_epoch,
             "epochs": cfg.train.epochs,
             "skipped": len(skipped),
+            "balls": None if pool is None else pool.counts(cfg.train.batch_size),
         },
     )
     last_done = start_epoch - 1  # the last epoch whose checkpoint is on disk
