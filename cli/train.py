@@ -277,9 +277,18 @@ def _plan_run(
         (out / f).unlink(missing_ok=True)
     with planning_status() as on_event:
         # a time budget given on the command line is what the schedule is planned for
-        minutes = resolve_config({}, overrides).train.max_minutes
+        asked = resolve_config({}, overrides)
+        # so is a choice of scan labels: the rest of the plan (grid, batches) follows it
+        scan_labels = asked.model.candidates == 0 and any(
+            o.split("=", 1)[0].strip() == "model.candidates" for o in overrides
+        )
         planning = plan_dataset(
-            data, measure=not no_measure, device=device, train_minutes=minutes, on_event=on_event
+            data,
+            measure=not no_measure,
+            device=device,
+            train_minutes=asked.train.max_minutes,
+            per_ball=not scan_labels,
+            on_event=on_event,
         )
     render_planning(planning)
     cfg = resolve_config(planning.plan.values, overrides)

@@ -150,6 +150,10 @@ def test_findings_with_one_background_class_plan_per_ball_training(chest_fp: Fin
         v = make_plan(dataclasses.replace(fp, findings=findings), None, BUDGET).values
         assert v["model.candidates"].value == 0 and why in v["model.candidates"].reason
         assert "train.balance" not in v and v["preprocess.hu_center"].value == -400.0
+    # `train --set model.candidates=0`: the whole plan follows the scan labels asked for
+    v = make_plan(fp, None, dataclasses.replace(BUDGET, per_ball=False)).values
+    assert v["model.candidates"].value == 0 and "as the command line asked" in v["model.candidates"].reason
+    assert "train.balance" not in v and "preprocess.occupancy_channel" not in v
     # no candidate stage: nothing to say about balls
     flat = tuple(dataclasses.replace(s, blob_max=1.0) for s in chest_fp.scans)
     v = make_plan(dataclasses.replace(chest_fp, scans=flat), None, BUDGET).values

@@ -34,6 +34,7 @@ def plan_dataset(
     max_scans: int = MAX_SCANS,
     seed: int = 0,
     train_minutes: float | None = None,
+    per_ball: bool = True,
     on_event: Event | None = None,
 ) -> Planning:
     """Fingerprint the dataset, time the candidates on `device` (unless measure=False), plan.
@@ -41,12 +42,15 @@ def plan_dataset(
     Args:
         train_minutes: the training time budget the schedule is planned for (default: the
             device's, rules.TRAIN_MINUTES).
+        per_ball: False plans scan labels even where findings.csv would allow per-ball
+            training (what --set model.candidates=0 asks for).
     """
     emit = on_event or (lambda kind, info: None)
     fp = fingerprint(data, max_scans=max_scans, seed=seed, on_event=emit)
     budget = Budget.for_machine(machine(device))
     if train_minutes is not None:
         budget = replace(budget, train_minutes=train_minutes)
+    budget = replace(budget, per_ball=per_ball)
     meas = None
     if measure:
         cfg = resolve_config(plan_preprocess(fp, budget))

@@ -136,6 +136,7 @@ class Budget:
     site_budget: int = SITE_BUDGET["cpu"]
     cpus: int = 1
     ram_bytes: int = 8 << 30  # host RAM, where scans are decoded and sparsified
+    per_ball: bool = True  # False: scan labels asked for (--set model.candidates=0)
 
     @classmethod
     def for_machine(cls, m: Machine) -> Budget:
@@ -201,7 +202,7 @@ def _intensity(fp: Fingerprint, s: dict[str, Any]) -> dict[str, Planned]:
     }
 
 
-def _region(fp: Fingerprint) -> dict[str, Planned]:
+def _region(fp: Fingerprint, per_ball_allowed: bool = True) -> dict[str, Planned]:
     if fp.kind != "hu":
         region = Planned("body", "values are not HU: the lung region is found from HU values")
     else:
@@ -221,7 +222,7 @@ def _region(fp: Fingerprint) -> dict[str, Planned]:
     why = "lung region: one more channel, the round-lesion (dot) filter" if lungs_on else "body region"
     out = {"preprocess.region": region, "preprocess.blob_channel": Planned(lungs_on, why)}
     if lungs_on:
-        out |= _candidates(fp)
+        out |= _candidates(fp, per_ball_allowed)
         out["preprocess.threshold"] = Planned(
             LUNG_TISSUE_HU,
             f"lung region: keep what is denser than aerated lung ({LUNG_TISSUE_HU:g} HU), vessels and "
@@ -247,7 +248,7 @@ def blob_separation(fp: Fingerprint) -> tuple[float, str, int] | None:
     return auc, c, len(measured)
 
 
-def _candidates(fp: Fingerprint) -> dict[str, Planned]:
+def _candidates(fp: Fingerprint, per_ball_allowed: bool) -> dict[str, Planned]:
     sep = blob_separation(fp)
     if sep is None:
         n_on = 0
@@ -275,13 +276,15 @@ def _candidates(fp: Fingerprint) -> dict[str, Planned]:
         out["preprocess.blob_candidate_mm"] = Planned(
             BLOB_CANDIDATE_MM, "a 20 mm nodule and what touches it fit in the ball"
         )
-        out["model.candidates"] = _per_candidate(fp, n_on)
+        out["model.candidates"] = _per_candidate(fp, n_on, per_ball_allowed)
     return out
 
 
-def _per_candidate(fp: Fingerprint, n_balls: int) -> Planned:
+def _per_candidate(fp: Fingerprint, n_balls: int, allowed: bool) -> Planned:
     """Whether to classify each candidate ball on its own (model.candidates): when findings.csv
     marks at least MIN_PER_CLASS scans and leaves exactly one class without findings."""
+    if not allowed:
+        return Planned(0, "scan labels, as the command line asked: the network sees a scan's balls together")
     if not fp.findings:
         return Planned(
             0, "scan labels only (no readable findings.csv): the network sees a scan's balls together"
@@ -454,7 +457,7 @@ def _grid(fp: Fingerprint, region: str, budget: Budget) -> dict[str, Planned]:
 def plan_preprocess(fp: Fingerprint, budget: Budget) -> dict[str, Planned]:
     """The preprocessing part of the plan (what the device measurement runs on)."""
     s = summarize(fp)
-    out = _intensity(fp, s) | _region(fp)
+    out = _intensity(fp, s) | _region(fp, budget.per_ball)
     if per_ball(out):
         return out | _ball_inputs(fp)
     return out | _grid(fp, str(out["preprocess.region"].value), budget)
