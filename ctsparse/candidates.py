@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     import torch
 
 IGNORE = -100  # torch's ignore_index: a ball whose class is not known
+# Ball batches (train.balance "balls") hold one finding ball in this many: 1:3, as nodule CAD
+# samples its candidates.
+BALLS_PER_FINDING = 4
 
 
 def own_balls(sv: SparseVolume, k: int) -> list[SparseVolume]:

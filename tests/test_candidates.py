@@ -346,12 +346,11 @@ def test_a_ball_pool_holds_the_known_balls_and_draws_a_quarter_of_each_batch_fro
 
 def test_a_ball_pool_needs_finding_and_background_balls() -> None:
     from ctsparse.config import load_config
-    from ctsparse.errors import CtsparseError
     from ctsparse.training.epoch import BallPool
 
     cfg = load_config(None, ["model.candidates=3", "model.background=1", "train.balance=balls"])
-    with pytest.raises(CtsparseError, match=r"0 finding and 3 background balls"):
-        BallPool.of(_pool_scans()[1:], cfg)
+    with pytest.raises(DatasetError, match=r"^DATA: .*0 finding and 3 background balls"):
+        BallPool.of(_pool_scans()[1:], cfg, "DATA")
 
 
 def test_a_ball_meets_the_network_aligned_on_its_strides_wherever_its_scan_put_it() -> None:

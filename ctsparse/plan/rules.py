@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ctsparse.candidates import BALLS_PER_FINDING
 from ctsparse.config import AugmentConfig, PreprocessConfig
 from ctsparse.meters import format_bytes
 from ctsparse.plan.fingerprint import LUNG_TISSUE_HU, PATCH_SIZES, Fingerprint
@@ -355,7 +356,7 @@ def _ball_training(
         sites = median_sites(fp, "lungs", 1) or median_sites(fp, "body", 1) or 0.0
         scan_step, src = sites * STEP_S_PER_SITE[budget.device], "estimated (not measured)"
     marked = sum(fp.findings.values()) * fp.n_train / max(fp.n_scans, 1)
-    steps = max(1, math.ceil(4 * FINDING_BALLS_PER_SCAN * marked / BALL_BATCH))
+    steps = max(1, math.ceil(BALLS_PER_FINDING * FINDING_BALLS_PER_SCAN * marked / BALL_BATCH))
     step = scan_step * BALL_BATCH / n_balls
     epoch_s = max((steps * step + fp.n_val * scan_step * EVAL_COST) * EPOCH_OVERHEAD, 1e-3)
     budget_s = budget.train_minutes * 60
@@ -363,7 +364,8 @@ def _ball_training(
     epochs = min(max(int(raw), EPOCHS[0]), EPOCHS[1])
     e_why = (
         f"{budget.train_minutes:g} min / {epoch_s:.1f} s per epoch (about {steps} steps of {BALL_BATCH} "
-        f"balls, {marked:.0f} marked train scans x {FINDING_BALLS_PER_SCAN:g} finding ball x 4; "
+        f"balls, {marked:.0f} marked train scans x {FINDING_BALLS_PER_SCAN:g} finding ball x "
+        f"{BALLS_PER_FINDING}; "
         f"{scan_step * 1e3:.0f} ms per scan of {n_balls} balls, {src}; + validation, x "
         f"{EPOCH_OVERHEAD:g} for the rest of an epoch) = {raw:.0f}, within {EPOCHS[0]}..{EPOCHS[1]}"
     )

@@ -10,16 +10,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ctsparse.candidates import IGNORE, ball_labels, most_abnormal, own_balls
+from ctsparse.candidates import BALLS_PER_FINDING, IGNORE, ball_labels, most_abnormal, own_balls
 from ctsparse.collate import Batch, collate, collate_balls
 from ctsparse.config import Config
 from ctsparse.data import augment
-from ctsparse.errors import ConfigError, CtsparseError
+from ctsparse.errors import ConfigError, DatasetError
 from ctsparse.sparse_volume import SparseVolume
 from ctsparse.training.distributed import Dist, per_rank_batch, shard
 from ctsparse.training.metrics import classification_metrics
@@ -56,9 +57,6 @@ class EpochProgress:
         return cls(int(d["epoch"]), int(d["batches_done"]), d["rng_state"], int(d["world"]), dict(d["sums"]))
 
 
-FINDING_SHARE = 4  # a quarter of a ball batch holds findings: 1:3, as nodule CAD samples candidates
-
-
 @dataclass
 class BallPool:
     """train.balance "balls" (with model.candidates): every candidate ball of the training scans
@@ -77,7 +75,8 @@ class BallPool:
     background: int
 
     @classmethod
-    def of(cls, data: Dataset, cfg: Config) -> BallPool:
+    def of(cls, data: Dataset, cfg: Config, where: str | Path = "") -> BallPool:
+        """The pool of `data`'s balls; `where` (the dataset) is named when it cannot be made."""
         k, bg = cfg.model.candidates, cfg.model.background
         if k <= 0:
             raise ConfigError("train.balance", "is 'balls', which needs model.candidates > 0")
@@ -91,10 +90,11 @@ class BallPool:
                     labels.append(label)
         pool = cls(balls, np.array(labels, dtype=np.int64), bg)
         if not len(pool.findings) or not np.any(pool.labels == bg):
-            raise CtsparseError(
-                f"train.balance 'balls': {len(pool.findings)} finding and "
-                f"{int(np.sum(pool.labels == bg))} background balls among the training scans' "
-                "candidates; both are needed (do the findings lie in the lung region, near a blob maximum?)"
+            raise DatasetError(
+                where,
+                f"train.balance 'balls': {len(pool.findings)} finding and {int(np.sum(pool.labels == bg))} "
+                "background balls among the training scans' candidates; both are needed (does "
+                "findings.csv place the findings inside the region, near a strong blob maximum?)",
             )
         return pool
 
@@ -113,12 +113,12 @@ class BallPool:
         }
 
     def n_batches(self, batch_size: int) -> int:
-        return max(1, -(-FINDING_SHARE * len(self.findings) // batch_size))
+        return max(1, -(-BALLS_PER_FINDING * len(self.findings) // batch_size))
 
     def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """n ball indices: a quarter (at least one) finding balls, the rest background."""
         found = self.findings
-        n_found = max(1, n // FINDING_SHARE)
+        n_found = max(1, n // BALLS_PER_FINDING)
         per_class = np.bincount(self.labels[found])
         p = 1.0 / per_class[self.labels[found]]
         picks = rng.choice(found, size=n_found, replace=True, p=p / p.sum())

@@ -186,7 +186,7 @@ def _train(
     model = ddp.wrap(raw, d, dev, sync_bn=cfg.train.sync_bn)
     raw = ddp.unwrap(model)  # (SyncBN-converted) module whose state_dict goes into checkpoints
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    pool = BallPool.of(train_set, cfg) if cfg.train.balance == "balls" else None
+    pool = BallPool.of(train_set, cfg, data) if cfg.train.balance == "balls" else None
     steps = ddp.steps_per_epoch(len(train_set), cfg.train.batch_size, d)
     if pool is not None:
         steps = pool.n_batches(cfg.train.batch_size)
