@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,14 @@ import torch
 import torch.distributed as dist
 from conftest import single_thread
 
+from ctsparse.candidates import IGNORE
 from ctsparse.config import load_config
 from ctsparse.device import set_threads
 from ctsparse.models import create_model
 from ctsparse.models.checkpoint import load_checkpoint
 from ctsparse.sparse_volume import SparseVolume
 from ctsparse.training import distributed as ddp
-from ctsparse.training.epoch import run_epoch
+from ctsparse.training.epoch import BallPool, run_epoch
 
 WORLD = 2
 # Global batch 4 -> 2 per rank; 8 samples -> 2 optimizer steps. Dropout is off because each rank
@@ -49,6 +51,15 @@ CASES: dict[str, list[str]] = {
     "dense": DENSE,
     "sparse": [*BASE, "model.backend=sparse"],
     "dense_plain_bn": [*DENSE, "train.sync_bn=false"],
+    # batches of candidate balls drawn across the scans (training/epoch.py, BallPool)
+    "sparse_balls": [
+        *BASE,
+        "model.backend=sparse",
+        "model.candidates=2",
+        "model.background=0",
+        "train.balance=balls",
+        "augment.orient_balls=true",
+    ],
 }
 # float32 sums in another order (two half-batch sums + all_reduce vs one sum) over two SGD steps;
 # measured differences are below 1e-6. SGD, not Adam: Adam's first steps are about lr * sign(g),
@@ -69,6 +80,19 @@ def _samples() -> list[tuple[SparseVolume, int]]:
     return out
 
 
+def _marked(samples: list[tuple[SparseVolume, int]]) -> list[tuple[SparseVolume, int]]:
+    """The scans with two candidate balls of 4 mm each (the last channel scores the sites), and
+    each class-1 scan's finding at the strongest site: one finding ball per class-1 scan."""
+    out = []
+    for scan, label in samples:
+        sv = replace(scan, params={**scan.params, "blob_candidate_mm": 4.0})
+        if label == 1:
+            peak = sv.coords[int(np.argmax(sv.feats[:, -1]))].astype(np.float64)
+            sv = sv.with_findings(np.array([[*peak, 1.0]]))  # identity affine: site = mm
+        out.append((sv, label))
+    return out
+
+
 def _one_epoch(case: str, d: ddp.Dist) -> dict[str, Any]:
     cfg = load_config(None, CASES[case])
     torch.manual_seed(0)
@@ -79,9 +103,14 @@ def _one_epoch(case: str, d: ddp.Dist) -> dict[str, Any]:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor([0.8, 4 / 3]))  # "balance: loss" for 5:3
     rng = np.random.default_rng(0)
+    data, pool, ball_loss_fn = _samples(), None, None
+    if cfg.train.balance == "balls":
+        data = _marked(data)
+        pool = BallPool.of(data, cfg)
+        ball_loss_fn = torch.nn.CrossEntropyLoss(ignore_index=IGNORE)
     tr = run_epoch(
-        wrapped, _samples(), cfg, torch.device("cpu"), opt, sched, loss_fn, rng, 1,
-        lambda kind, info: None, {"flag": False}, dist=d,
+        wrapped, data, cfg, torch.device("cpu"), opt, sched, loss_fn, rng, 1,
+        lambda kind, info: None, {"flag": False}, dist=d, pool=pool, ball_loss_fn=ball_loss_fn,
     )  # fmt: skip
     raw = ddp.unwrap(wrapped)
     own = {k: v.detach().clone() for k, v in raw.state_dict().items()}
@@ -127,7 +156,7 @@ def test_both_ranks_hold_identical_weights_after_the_steps(runs: dict[str, Any],
     assert (tr0["loss"], tr0["accuracy"]) == (tr1["loss"], tr1["accuracy"])
 
 
-@pytest.mark.parametrize("case", ["dense", "sparse"])
+@pytest.mark.parametrize("case", ["dense", "sparse", "sparse_balls"])
 def test_two_ranks_on_half_batches_match_one_process_on_whole_batches(
     runs: dict[str, Any], case: str
 ) -> None:
