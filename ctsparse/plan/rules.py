@@ -359,18 +359,11 @@ def _ball_training(
     steps = max(1, math.ceil(BALLS_PER_FINDING * FINDING_BALLS_PER_SCAN * marked / BALL_BATCH))
     step = scan_step * BALL_BATCH / n_balls
     epoch_s = max((steps * step + fp.n_val * scan_step * EVAL_COST) * EPOCH_OVERHEAD, 1e-3)
-    budget_s = budget.train_minutes * 60
-    raw = budget_s / epoch_s
-    epochs = min(max(int(raw), EPOCHS[0]), EPOCHS[1])
-    e_why = (
-        f"{budget.train_minutes:g} min / {epoch_s:.1f} s per epoch (about {steps} steps of {BALL_BATCH} "
-        f"balls, {marked:.0f} marked train scans x {FINDING_BALLS_PER_SCAN:g} finding ball x "
-        f"{BALLS_PER_FINDING}; "
-        f"{scan_step * 1e3:.0f} ms per scan of {n_balls} balls, {src}; + validation, x "
-        f"{EPOCH_OVERHEAD:g} for the rest of an epoch) = {raw:.0f}, within {EPOCHS[0]}..{EPOCHS[1]}"
+    how = (
+        f"about {steps} steps of {BALL_BATCH} balls, {marked:.0f} marked train scans x "
+        f"{FINDING_BALLS_PER_SCAN:g} finding ball x {BALLS_PER_FINDING}; {scan_step * 1e3:.0f} ms per "
+        f"scan of {n_balls} balls, {src}"
     )
-    patience = min(epochs, max(PATIENCE_MIN, round(epochs * PATIENCE_SHARE)))
-    m_why = "the time budget: the run stops at the first epoch boundary that would overrun it"
     return {
         "train.balance": Planned(
             "balls",
@@ -380,9 +373,7 @@ def _ball_training(
         "train.batch_size": Planned(BALL_BATCH, "per ball: balls per step"),
         "train.lr": Planned(BALL_LR, f"per ball: at batch {BALL_BATCH}"),
         "train.warmup_epochs": Planned(BALL_WARMUP_EPOCHS, "per ball: epochs are a few steps each"),
-        "train.epochs": Planned(epochs, e_why),
-        "train.patience": Planned(patience, f"{PATIENCE_SHARE:.0%} of the epochs (at least {PATIENCE_MIN})"),
-        "train.max_minutes": Planned(budget.train_minutes, m_why),
+        **_schedule(budget, epoch_s, how),
     }
 
 
@@ -531,22 +522,30 @@ def _training(
     if not fits:
         b_why += f": none of {list(BATCH_CHOICES)} fits both, the smallest"
     epoch_s = _epoch_seconds(fp, step)
+    how = f"{fp.n_train} train scans x {step * 1e3:.0f} ms, {src}"
+    lr = _r(LR_AT_BATCH_8 * batch / 8)
+    return {
+        "train.batch_size": Planned(batch, b_why),
+        "train.lr": Planned(lr, f"{LR_AT_BATCH_8:g} at batch 8, scaled linearly with the batch"),
+        **_schedule(budget, epoch_s, how),
+    }
+
+
+def _schedule(budget: Budget, epoch_s: float, how: str) -> dict[str, Planned]:
+    """Epochs, patience and the time budget for epochs of `epoch_s` seconds (`how`: what the
+    estimate is made of, for the reason)."""
     budget_s = budget.train_minutes * 60
     raw = budget_s / epoch_s
     epochs = min(max(int(raw), EPOCHS[0]), EPOCHS[1])
     e_why = (
-        f"{budget.train_minutes:g} min / {epoch_s:.1f} s per epoch ({fp.n_train} train scans x "
-        f"{step * 1e3:.0f} ms, {src}, + validation, x {EPOCH_OVERHEAD:g} for the rest of an epoch) = "
-        f"{raw:.0f}, within {EPOCHS[0]}..{EPOCHS[1]}"
+        f"{budget.train_minutes:g} min / {epoch_s:.1f} s per epoch ({how}, + validation, x "
+        f"{EPOCH_OVERHEAD:g} for the rest of an epoch) = {raw:.0f}, within {EPOCHS[0]}..{EPOCHS[1]}"
     )
     patience = min(epochs, max(PATIENCE_MIN, round(epochs * PATIENCE_SHARE)))
     m_why = "the time budget: the run stops at the first epoch boundary that would overrun it"
     if epochs * epoch_s > budget_s:
         m_why += f" (after about {max(1, int(raw))} of {epochs} epochs)"
-    lr = _r(LR_AT_BATCH_8 * batch / 8)
     return {
-        "train.batch_size": Planned(batch, b_why),
-        "train.lr": Planned(lr, f"{LR_AT_BATCH_8:g} at batch 8, scaled linearly with the batch"),
         "train.epochs": Planned(epochs, e_why),
         "train.patience": Planned(patience, f"{PATIENCE_SHARE:.0%} of the epochs (at least {PATIENCE_MIN})"),
         "train.max_minutes": Planned(budget.train_minutes, m_why),
