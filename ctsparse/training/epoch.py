@@ -20,7 +20,7 @@ from ctsparse.candidates import BALLS_PER_FINDING, IGNORE, ball_labels, most_abn
 from ctsparse.collate import Batch, collate, collate_balls
 from ctsparse.config import Config
 from ctsparse.data import augment
-from ctsparse.errors import ConfigError, DatasetError
+from ctsparse.errors import DatasetError
 from ctsparse.sparse_volume import SparseVolume
 from ctsparse.training.distributed import Dist, per_rank_batch, shard
 from ctsparse.training.metrics import classification_metrics
@@ -73,13 +73,23 @@ class BallPool:
     balls: list[SparseVolume]
     labels: np.ndarray
     background: int
+    # derived once: the rows of the finding and background balls, and each finding ball's
+    # chance of a draw (equal shares per finding class)
+    findings: np.ndarray = field(init=False)
+    backgrounds: np.ndarray = field(init=False)
+    finding_p: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.findings = np.flatnonzero(self.labels != self.background)
+        self.backgrounds = np.flatnonzero(self.labels == self.background)
+        per_class = np.bincount(self.labels[self.findings])
+        p = 1.0 / per_class[self.labels[self.findings]] if len(self.findings) else np.zeros(0)
+        self.finding_p = p / p.sum() if len(p) else p
 
     @classmethod
     def of(cls, data: Dataset, cfg: Config, where: str | Path = "") -> BallPool:
         """The pool of `data`'s balls; `where` (the dataset) is named when it cannot be made."""
         k, bg = cfg.model.candidates, cfg.model.background
-        if k <= 0:
-            raise ConfigError("train.balance", "is 'balls', which needs model.candidates > 0")
         balls: list[SparseVolume] = []
         labels: list[int] = []
         for sv, y in data:
@@ -89,26 +99,20 @@ class BallPool:
                     balls.append(ball)
                     labels.append(label)
         pool = cls(balls, np.array(labels, dtype=np.int64), bg)
-        if not len(pool.findings) or not np.any(pool.labels == bg):
+        if not len(pool.findings) or not len(pool.backgrounds):
             raise DatasetError(
                 where,
-                f"train.balance 'balls': {len(pool.findings)} finding and {int(np.sum(pool.labels == bg))} "
+                f"train.balance 'balls': {len(pool.findings)} finding and {len(pool.backgrounds)} "
                 "background balls among the training scans' candidates; both are needed (does "
                 "findings.csv place the findings inside the region, near a strong blob maximum?)",
             )
         return pool
 
-    @property
-    def findings(self) -> np.ndarray:
-        return np.flatnonzero(self.labels != self.background)
-
     def counts(self, batch_size: int) -> dict[str, int]:
-        n_found = len(self.findings)
-        steps = self.n_batches(batch_size)
         return {
-            "finding": n_found,
-            "background": len(self.labels) - n_found,
-            "steps": steps,
+            "finding": len(self.findings),
+            "background": len(self.backgrounds),
+            "steps": self.n_batches(batch_size),
             "batch": batch_size,
         }
 
@@ -117,12 +121,9 @@ class BallPool:
 
     def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """n ball indices: a quarter (at least one) finding balls, the rest background."""
-        found = self.findings
         n_found = max(1, n // BALLS_PER_FINDING)
-        per_class = np.bincount(self.labels[found])
-        p = 1.0 / per_class[self.labels[found]]
-        picks = rng.choice(found, size=n_found, replace=True, p=p / p.sum())
-        rest = rng.choice(np.flatnonzero(self.labels == self.background), size=n - n_found, replace=True)
+        picks = rng.choice(self.findings, size=n_found, replace=True, p=self.finding_p)
+        rest = rng.choice(self.backgrounds, size=n - n_found, replace=True)
         out: np.ndarray = rng.permutation(np.concatenate([picks, rest]))
         return out
 
@@ -212,7 +213,8 @@ def run_epoch(
             at = slice(b * bs, (b + 1) * bs)
             batch = _scan_batch(data, cfg, dev, epoch_key, mine[at], positions[at])
         assert batch.labels is not None
-        if pool is not None and ball_loss_fn is not None:
+        if pool is not None:
+            assert ball_loss_fn is not None, "ball batches need ball_loss_fn"
             logits = model(batch.inputs, per_ball=True)
             loss = batch_loss(logits, batch.labels, ball_loss_fn, d)
         elif batch.ball_labels is not None and ball_loss_fn is not None:  # model.candidates
