@@ -167,7 +167,7 @@ def train(
     ] = None,
 ) -> None:
     """Train a sparse (or dense-twin) classifier on labelled CT scans."""
-    from ctsparse.config import load_config
+    from ctsparse.config import Config, check_overrides, load_config
 
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks and writes
     if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -185,7 +185,12 @@ def train(
     ):
         if value is not None:
             overrides.append(f"{key}={value}")
-    cfg = load_config(config, overrides)
+    planning = config is None and not resume and not no_plan
+    # with a plan to come, each --set is checked alone here and the whole config after planning:
+    # model.widths=[32,64,128] goes with the depths the plan gives, not with the default ones
+    cfg = Config() if planning else load_config(config, overrides)
+    if planning:
+        check_overrides(overrides)
     if main_rank and not resume:
         from ctsparse.training.run_folder import clear_run
 
@@ -195,7 +200,7 @@ def train(
     if config is not None:
         if main_rank and not resume:
             console.print(f"config from {config}: no planning (the file wins)", highlight=False)
-    elif not resume and not no_plan:
+    elif planning:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would plan (and measure) alone
             raise CtsparseError("under torchrun pass --config (e.g. from `ctsparse plan --out`) or --no-plan")
         cfg = _plan_run(data, out, device, no_measure, overrides, nproc)
@@ -271,22 +276,21 @@ def _plan_run(
     data: Path, out: Path, device: str, no_measure: bool, overrides: list[str], nproc: int
 ) -> Config:
     """Plan, show the plan, write OUT/plan.json (and, for --nproc, OUT/planned.yaml); the config."""
+    from ctsparse.config import check_overrides
     from ctsparse.plan import plan_dataset, plan_record, plan_yaml, resolve_config, write_plan_json
 
     for f in PLAN_FILES:  # from an earlier run in this folder
         (out / f).unlink(missing_ok=True)
     with planning_status() as on_event:
         # a time budget given on the command line is what the schedule is planned for
-        asked = resolve_config({}, overrides)
+        asked = check_overrides(overrides)
         # so is a choice of scan labels: the rest of the plan (grid, batches) follows it
-        scan_labels = asked.model.candidates == 0 and any(
-            o.split("=", 1)[0].strip() == "model.candidates" for o in overrides
-        )
+        scan_labels = asked.get("model.candidates", -1) == 0
         planning = plan_dataset(
             data,
             measure=not no_measure,
             device=device,
-            train_minutes=asked.train.max_minutes,
+            train_minutes=asked.get("train.max_minutes"),
             per_ball=not scan_labels,
             on_event=on_event,
         )

@@ -165,6 +165,11 @@ class TrainConfig:
     # A value (e.g. 0.9): the highest threshold whose validation sensitivity reaches it, for a
     # screening use where a missed finding costs more than a false alarm.
     target_sensitivity: float | None = None
+    # Judge and keep an exponential moving average of the weights (updated every step, its
+    # horizon this many epochs) instead of the weights of the last step: validation, best.pt and
+    # early stopping see the average, which moves less from one epoch to the next than the
+    # weights do. None: no average.
+    ema_epochs: float | None = None
 
 
 @dataclass
@@ -302,6 +307,8 @@ def validate_section(obj: Any, prefix: str) -> None:
             raise ConfigError(f"{p}lr", "must be > 0")
         if obj.target_sensitivity is not None and not 0 < obj.target_sensitivity <= 1:
             raise ConfigError(f"{p}target_sensitivity", "must be in (0, 1] or null")
+        if obj.ema_epochs is not None and obj.ema_epochs <= 0:
+            raise ConfigError(f"{p}ema_epochs", "must be > 0 or null (no average)")
     elif isinstance(obj, DataConfig) and obj.workers < 0:
         raise ConfigError(f"{p}workers", "must be >= 0")
 
@@ -324,6 +331,30 @@ def parse_override(item: str) -> tuple[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(key, f"cannot parse value {raw!r}: {exc}") from exc
     return key.strip(), value
+
+
+def check_overrides(overrides: list[str]) -> dict[str, Any]:
+    """{dotted key: value} of --set items, each checked on its own: a known key, a value of its
+    type. The checks between keys (widths against depths, ...) and ranges wait for the config the
+    items complete, such as a plan that sets depths to go with the widths asked for."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, value = parse_override(item)
+        cls: Any = Config
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            names = {f.name for f in dataclasses.fields(cls)}
+            if part not in names:
+                known = ", ".join(sorted(names))
+                raise ConfigError(".".join(parts[: i + 1]), f"unknown key (known: {known})")
+            tp = typing.get_type_hints(cls)[part]
+            if i == len(parts) - 1:
+                out[key] = _check(value, tp, key)
+            elif not dataclasses.is_dataclass(tp):
+                raise ConfigError(key, f"'{part}' is not a section")
+            else:
+                cls = tp
+    return out
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

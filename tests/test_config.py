@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ctsparse.config import Config, from_dict, load_config, to_dict
+from ctsparse.config import Config, check_overrides, from_dict, load_config, to_dict
 from ctsparse.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -87,6 +87,7 @@ def test_overrides_are_typed_and_applied() -> None:
         (["preprocess.blob_candidates=8"], "preprocess.blob_candidates"),  # without the blob channel
         (["preprocess.blob_channel=true", "preprocess.blob_candidates=-1"], "preprocess.blob_candidates"),
         (["preprocess.blob_candidate_mm=0"], "preprocess.blob_candidate_mm"),
+        (["train.ema_epochs=0"], "train.ema_epochs"),
         (["noequals"], "noequals"),
     ],
 )
@@ -95,6 +96,30 @@ def test_bad_keys_and_values_name_the_key(overrides: list[str], key: str) -> Non
         load_config(None, overrides)
     assert info.value.key == key
     assert key in str(info.value)
+
+
+def test_overrides_checked_one_by_one_leave_the_checks_between_keys_to_the_whole() -> None:
+    """Before a plan exists, each --set item is checked alone (key, type); widths without their
+    depths wait for the config the plan completes."""
+    alone = ["model.widths=[32, 64, 128]", "preprocess.blob_candidates=8", "train.max_minutes=5"]
+    assert check_overrides(alone) == {
+        "model.widths": [32, 64, 128],
+        "preprocess.blob_candidates": 8,
+        "train.max_minutes": 5.0,
+    }
+    with pytest.raises(ConfigError, match="model.widths"):
+        load_config(None, alone)  # the default depths have four stages
+    for item, key in [
+        ("train.lrr=1", "train.lrr"),
+        ("trian.lr=1", "trian"),
+        ("train.epochs=ten", "train.epochs"),
+        ("model.widths=[8, x]", "model.widths[1]"),
+        ("train.lr.x=1", "train.lr.x"),
+        ("noequals", "noequals"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            check_overrides([item])
+        assert info.value.key == key, item
 
 
 def test_bad_yaml_file(tmp_path: Path) -> None:

@@ -62,14 +62,16 @@ class _Crash(Exception):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_resume_continues_where_it_stopped(tiny_dataset: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("average", [[], ["train.ema_epochs=1"]], ids=["weights", "ema"])
+def test_resume_continues_where_it_stopped(tiny_dataset: Path, tmp_path: Path, average: list[str]) -> None:
     """A run that dies right after an epoch's checkpoint, resumed, ends bit for bit where an
-    uninterrupted run ends (one thread: ME's CPU kernels are deterministic only there)."""
+    uninterrupted run ends (one thread: ME's CPU kernels are deterministic only there), with or
+    without a moving average of the weights."""
     import torch
 
     from ctsparse.models.checkpoint import load_checkpoint
 
-    cfg = [*TINY_TRAIN, "train.val_fraction=0.25", "train.patience=10", "train.epochs=4"]
+    cfg = [*TINY_TRAIN, "train.val_fraction=0.25", "train.patience=10", "train.epochs=4", *average]
     full = train(tiny_dataset, tmp_path / "full", load_config(None, cfg), device="cpu")
 
     def crash_after_epoch_2(kind: str, info: dict) -> None:  # type: ignore[type-arg]
@@ -90,6 +92,35 @@ def test_resume_continues_where_it_stopped(tiny_dataset: Path, tmp_path: Path) -
         wa = load_checkpoint(tmp_path / "full" / name).state_dict
         wb = load_checkpoint(part / name).state_dict
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
+def test_ema_weights_are_the_ones_judged_and_kept(tiny_dataset: Path, tmp_path: Path) -> None:
+    """train.ema_epochs: best.pt holds the moving average as it was at its epoch (the one
+    validation judged), not the last step's weights, and last.pt carries both for resuming."""
+    import torch
+
+    from ctsparse.models.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    seen: list[int] = []
+    steps: list[int] = []
+
+    def check(kind: str, info: dict) -> None:  # type: ignore[type-arg]
+        if kind == "batch":
+            steps.append(info["n_batches"])
+        if kind != "epoch_end" or not info["improved"]:
+            return
+        best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
+        average = last.extra["ema"]
+        assert average["n"] == len(steps)  # one update per step so far
+        assert all(torch.equal(v, average["weights"][k]) for k, v in best.state_dict.items())
+        moved = [k for k, v in best.state_dict.items() if v.is_floating_point()]
+        assert any(not torch.equal(best.state_dict[k], last.state_dict[k]) for k in moved)
+        seen.append(info["epoch"])
+
+    cfg = [*TINY_TRAIN, "train.val_fraction=0.25", "train.epochs=3", "train.ema_epochs=2"]
+    train(tiny_dataset, run, load_config(None, cfg), device="cpu", on_event=check)
+    assert seen and seen[0] == 1
 
 
 TIMING = {"epoch_time_s", "sites_per_s", "peak_rss_mb", "peak_cuda_mb"}

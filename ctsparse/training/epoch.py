@@ -22,7 +22,8 @@ from ctsparse.config import Config
 from ctsparse.data import augment
 from ctsparse.errors import DatasetError
 from ctsparse.sparse_volume import SparseVolume
-from ctsparse.training.distributed import Dist, per_rank_batch, shard
+from ctsparse.training.average import WeightAverage
+from ctsparse.training.distributed import Dist, per_rank_batch, shard, unwrap
 from ctsparse.training.metrics import classification_metrics
 
 Dataset = list[tuple[SparseVolume, int]]
@@ -175,13 +176,14 @@ def run_epoch(
     resume_from: EpochProgress | None = None,
     ball_loss_fn: torch.nn.Module | None = None,
     pool: BallPool | None = None,
+    ema: WeightAverage | None = None,
 ) -> dict[str, float] | EpochProgress:
     """Train loss/accuracy/sites-per-second over all ranks, or where it stopped (stop["flag"]).
 
     The stop flag is read between steps: the step in progress always finishes, so the weights,
     optimizer and scheduler are at a step boundary when the caller saves them. With a `pool`
     (train.balance "balls") the steps are batches of candidate balls drawn from it, and loss and
-    accuracy are per ball.
+    accuracy are per ball. An `ema` (train.ema_epochs) takes in the weights after every step.
     """
     d = dist or Dist()
     model.train()
@@ -230,6 +232,8 @@ def run_epoch(
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update(unwrap(model))
         losses += float(loss.detach()) * len(batch.labels)
         correct += int((logits.detach().argmax(1) == batch.labels).sum())
         seen += len(batch.labels)

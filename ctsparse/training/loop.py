@@ -38,6 +38,7 @@ from ctsparse.prepare import prepare_scans
 from ctsparse.sparse_volume import SparseVolume
 from ctsparse.training import distributed as ddp
 from ctsparse.training import history as hist
+from ctsparse.training.average import WeightAverage
 from ctsparse.training.epoch import (
     BallPool,
     EpochProgress,
@@ -193,6 +194,11 @@ def _train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(cfg.train.epochs * steps, cfg.train.warmup_epochs * steps)
     )
+    n_classes = len(classes)
+    ema = WeightAverage.of(
+        lambda: create_model(cfg.model, in_channels, n_classes).to(dev), cfg.train.ema_epochs, steps
+    )
+    judged = raw if ema is None else ema.module  # the weights validation and best.pt see
     counts = np.bincount([y for _, y in train_set], minlength=len(classes)).astype(np.float64)
     weights = None
     if cfg.train.balance in ("loss", "balls"):  # balls: for the validation loss
@@ -216,6 +222,8 @@ def _train(
         best_score, best_epoch = float(state["best_score"]), int(state["best_epoch"])
         best_loss = float(state.get("best_loss", math.inf))
         bad_epochs = int(state["bad_epochs"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
         rng.bit_generator.state = state["numpy_rng"]
         ddp.restore_torch_rng(state, cfg.train.seed, d, start_epoch)
         if state.get("partial"):
@@ -243,6 +251,7 @@ def _train(
             "classes": classes,
             "world": d.world,
             "partial": progress.to_dict() if progress else None,
+            "ema": None if ema is None else ema.state_dict(),
             **ddp.torch_rng_state(d),  # a collective: every rank calls save_last
         }
         if d.is_main:
@@ -281,14 +290,14 @@ def _train(
             partial = None
             tr = run_epoch(
                 model, train_set, cfg, dev, optimizer, scheduler, loss_fn, rng, epoch, emit, stop,
-                dist=d, resume_from=resume_from, ball_loss_fn=ball_loss_fn, pool=pool,
+                dist=d, resume_from=resume_from, ball_loss_fn=ball_loss_fn, pool=pool, ema=ema,
             )  # fmt: skip
             if isinstance(tr, EpochProgress):  # stopped between two steps: save that step
                 save_last(epoch - 1, tr)
                 interrupted, batches_into_next = True, tr.batches_done
                 break
-            ddp.average_bn_buffers(raw, d)
-            ev = evaluate(raw, val_set or train_set, cfg, dev, loss_fn, classes, dist=d)
+            ddp.average_bn_buffers(judged, d)
+            ev = evaluate(judged, val_set or train_set, cfg, dev, loss_fn, classes, dist=d)
             score = -ev["loss"] if cfg.train.metric == "loss" else float(ev[cfg.train.metric])
             improved = _better(score, float(ev["loss"]), best_score, best_loss)
             if improved:
@@ -301,7 +310,7 @@ def _train(
                 # previous epoch, and resuming from it redoes this epoch and rewrites the others
                 if improved:
                     meta = {"epoch": epoch, "metrics": _jsonable(ev), "training_ranges": ranges}
-                    save_checkpoint(out / "best.pt", raw, cfg, classes, in_channels, meta)
+                    save_checkpoint(out / "best.pt", judged, cfg, classes, in_channels, meta)
                 hist.append(out / "history.csv", row)
             save_last(epoch, None)
             last_done = epoch
