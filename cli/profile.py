@@ -35,7 +35,7 @@ from .render import (
 
 def _slug(path: Path, index: int) -> str:
     name = path.name
-    for ext in (".nii.gz", ".nii", ".dcm"):
+    for ext in (".nii.gz", ".nii", ".mhd", ".mha", ".dcm"):
         if name.lower().endswith(ext):
             name = name[: -len(ext)]
     return f"{index:03d}_" + (re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "scan")

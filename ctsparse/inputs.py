@@ -29,8 +29,7 @@ from ctsparse.io.dicom_listing import (
     size_key,
     source_files,
 )
-from ctsparse.io.discover import find_scans
-from ctsparse.io.nifti import is_nifti_name
+from ctsparse.io.discover import find_scans, is_volume_file_name
 
 
 @dataclass(frozen=True)
@@ -176,9 +175,9 @@ def expand_inputs(
                 continue
             scans = find_scans(p) if p.is_dir() else [p]
             if not scans:
-                out.items.append(InputItem(p, error="no NIfTI file or DICOM series in this folder"))
+                out.items.append(InputItem(p, error="no NIfTI, MetaImage or DICOM scan in this folder"))
             for scan in scans:
-                if is_nifti_name(scan):
+                if is_volume_file_name(scan):
                     out.items.append(InputItem(scan))
                     continue
                 absent = _dicom(scan, out, series_uid, allow_non_ct, all_series, explicit=scan == p)

@@ -107,7 +107,7 @@ def test_overrides_checked_one_by_one_leave_the_checks_between_keys_to_the_whole
         "preprocess.blob_candidates": 8,
         "train.max_minutes": 5.0,
     }
-    with pytest.raises(ConfigError, match="model.widths"):
+    with pytest.raises(ConfigError, match=r"model\.widths"):
         load_config(None, alone)  # the default depths have four stages
     for item, key in [
         ("train.lrr=1", "train.lrr"),

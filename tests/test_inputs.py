@@ -119,7 +119,7 @@ def test_globs_missing_paths_and_items_passed_through(tmp_path: Path, export: di
     assert found.items[4] == InputItem(Path("x"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert "no NIfTI file or DICOM series" in str(expand_inputs([empty]).items[0].error)
+    assert "no NIfTI, MetaImage or DICOM scan" in str(expand_inputs([empty]).items[0].error)
 
 
 def test_series_info_carries_no_patient_identifiers(export: dict) -> None:

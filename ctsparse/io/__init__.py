@@ -1,4 +1,4 @@
-"""Scan readers and writers: ``read_volume`` turns a NIfTI file, a DICOM file or a DICOM folder
+"""Scan readers and writers: ``read_volume`` turns a NIfTI file, a MetaImage, a DICOM file or a DICOM folder
 into a Volume in the canonical RAS+ frame, or raises ScanError with a one-line reason."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ctsparse.errors import ScanError
 from ctsparse.io.discover import find_scans, is_scan_path
+from ctsparse.io.metaimage import is_metaimage_name
 from ctsparse.io.nifti import is_nifti_name
 from ctsparse.io.write import write_dicom_series, write_nifti
 from ctsparse.volume import Volume
@@ -23,12 +24,14 @@ def read_volume(
     spacing: Sequence[float] | None = None,
     files: Sequence[Path] | None = None,
 ) -> Volume:
-    """Read one scan: ``.nii``/``.nii.gz`` -> NIfTI, a folder -> DICOM series, any other file -> DICOM.
+    """Read one scan: ``.nii``/``.nii.gz`` -> NIfTI, ``.mhd``/``.mha`` -> MetaImage, a folder ->
+    DICOM series, any other file -> DICOM.
 
     Args:
         series_uid: in a folder with several series, the SeriesInstanceUID to read (default: the
             largest CT series; the others are listed in ``meta["skipped"]``).
-        allow_non_ct: read DICOM whose Modality is not CT instead of refusing it.
+        allow_non_ct: read DICOM (or a MetaImage header) whose Modality is not CT instead of
+            refusing it.
         spacing: resample to this voxel size (mm per RAS+ axis) while reading; the same grid and
             values as reading and then ``sparsify.resample`` (``ctsparse.io.resample``), but a
             DICOM series is resampled slice by slice, so its full-resolution float32 volume never
@@ -46,6 +49,10 @@ def read_volume(
         from ctsparse.io.nifti import read_nifti
 
         return read_nifti(p, spacing=spacing)
+    if p.is_file() and is_metaimage_name(p):
+        from ctsparse.io.metaimage import read_metaimage
+
+        return read_metaimage(p, spacing=spacing, allow_non_ct=allow_non_ct)
     if p.is_dir() or p.is_file():
         from ctsparse.io.dicom import read_dicom
 

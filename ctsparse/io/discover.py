@@ -1,4 +1,4 @@
-"""Expand a dataset folder into scans: NIfTI files and DICOM series folders.
+"""Expand a dataset folder into scans: NIfTI files, MetaImage headers and DICOM series folders.
 
 Decided by file names, a 132-byte sniff and at most a few headers per folder (never pixels), so a
 large dataset is listed fast.
@@ -10,7 +10,17 @@ import os
 from pathlib import Path
 
 from ctsparse.io.dicom_headers import looks_like_dicom, read_header
+from ctsparse.io.metaimage import is_metaimage_name
 from ctsparse.io.nifti import is_nifti_name
+
+
+def is_volume_file_name(path: str | Path) -> bool:
+    """A single-file scan by its name: NIfTI (.nii, .nii.gz) or MetaImage (.mhd, .mha)."""
+    return is_nifti_name(path) or is_metaimage_name(path)
+
+
+# the data files MetaImage headers point to: never a scan of their own
+_META_DATA_SUFFIXES = (".raw", ".zraw")
 
 
 def _visible(p: Path) -> bool:
@@ -22,7 +32,8 @@ def _has_dicom_image(files: list[Path]) -> bool:
     for f in files:
         if (
             _visible(f)
-            and not is_nifti_name(f)
+            and not is_volume_file_name(f)
+            and f.suffix.lower() not in _META_DATA_SUFFIXES
             and looks_like_dicom(f)
             and not isinstance(read_header(f), str)
         ):
@@ -38,17 +49,19 @@ def _files(folder: Path) -> list[Path]:
 
 
 def is_scan_path(path: str | Path) -> bool:
-    """True for a NIfTI file, a DICOM file, or a folder with DICOM files directly inside it."""
+    """True for a NIfTI file, a MetaImage header, a DICOM file, or a folder with DICOM files
+    directly inside it."""
     p = Path(path)
     if not _visible(p) or not p.exists():
         return False
     if p.is_dir():
         return _has_dicom_image(_files(p))
-    return is_nifti_name(p) or looks_like_dicom(p)
+    return is_volume_file_name(p) or looks_like_dicom(p)
 
 
 def find_scans(root: str | Path) -> list[Path]:
-    """Every scan under ``root``, sorted: each NIfTI file, and each folder holding DICOM files.
+    """Every scan under ``root``, sorted: each NIfTI file and MetaImage header (.mhd/.mha, not
+    the .raw beside it), and each folder holding DICOM files.
 
     A folder whose files are DICOM counts as one scan (a dataset entry: the reader takes its
     largest CT series; ``ctsparse.inputs`` lists its series for predict and profile);
@@ -63,7 +76,7 @@ def find_scans(root: str | Path) -> list[Path]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         folder = Path(dirpath)
         files = [folder / f for f in sorted(filenames) if not f.startswith(".")]
-        scans.extend(f for f in files if is_nifti_name(f))
+        scans.extend(f for f in files if is_volume_file_name(f))
         if _has_dicom_image(files):
             scans.append(folder)
     return sorted(scans)

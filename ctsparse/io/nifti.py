@@ -13,6 +13,7 @@ from typing import Any
 
 import nibabel as _nib
 import numpy as np
+import numpy.typing as npt
 
 from ctsparse.errors import ScanError
 from ctsparse.io.geometry import canonicalize, ortho
@@ -85,6 +86,28 @@ def read_nifti(path: str | Path, spacing: Sequence[float] | None = None) -> Volu
     if data.size and float(data.min()) >= 0.0:
         warnings.append("no negative values: the data may not be in HU (air is about -1000 HU)")
 
+    meta: dict[str, Any] = {
+        "format": "nifti",
+        "modality": "unknown",
+        "n_files": 1,
+        "warnings": warnings,
+        "skipped": [],
+        "sform_code": int(img.header["sform_code"]),
+        "qform_code": int(img.header["qform_code"]),
+    }
+    return oriented_volume(data, affine, path, meta, spacing)
+
+
+def oriented_volume(
+    data: npt.NDArray[np.float32],
+    affine: npt.NDArray[np.float64],
+    path: Path,
+    meta: dict[str, Any],
+    spacing: Sequence[float] | None,
+) -> Volume:
+    """A single-file scan's array (stored axis order, `affine` to RAS+ mm) as a Volume: resampled
+    to `spacing` (mm per RAS+ axis) when given, then in the canonical RAS+ axis order;
+    meta["resampled_from"] keeps the stored shape and spacing when the grid changed."""
     resampled_from: dict[str, list[Any]] = {}
     if spacing is not None:
         # in the stored axis order, before canonicalize: its reorienting copy then runs on the
@@ -100,15 +123,6 @@ def read_nifti(path: str | Path, spacing: Sequence[float] | None = None) -> Volu
             resampled_from["spacing"][int(ornt[a, 0])] = float(old[a])
         data, affine = resample_array(data, affine, target)
     array, affine = canonicalize(data, affine)
-    meta: dict[str, Any] = {
-        "format": "nifti",
-        "modality": "unknown",
-        "n_files": 1,
-        "warnings": warnings,
-        "skipped": [],
-        "sform_code": int(img.header["sform_code"]),
-        "qform_code": int(img.header["qform_code"]),
-    }
     # a new spacing can keep the shape (e.g. 10.0 -> 10.5 mm over 32 voxels): recorded all the same
     new_spacing = np.linalg.norm(affine[:3, :3], axis=0)
     if resampled_from and (

@@ -1,0 +1,115 @@
+"""MetaImage reader on files written by ITK itself (SimpleITK): geometry against ITK's own NIfTI
+export of the same image, compression, discovery beside the .raw file, and every bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ctsparse.errors import NotCTError, ScanError
+from ctsparse.io import find_scans, read_volume
+
+sitk = pytest.importorskip("SimpleITK", reason="SimpleITK (a dev dependency) writes the test files")
+
+# a tilted, permuted and flipped grid: rows are the directions of the array's three axes
+DIRECTION = (0.0, 0.0, -1.0, 0.9950042, 0.0998334, 0.0, -0.0998334, 0.9950042, 0.0)
+
+
+def itk_image(dtype: str = "int16") -> tuple[object, np.ndarray]:
+    rng = np.random.default_rng(0)
+    zyx = rng.integers(-1000, 1500, size=(7, 6, 5)).astype(dtype)  # ITK's numpy view is z, y, x
+    img = sitk.GetImageFromArray(zyx)
+    img.SetSpacing((0.7, 0.8, 2.5))
+    img.SetOrigin((-120.5, 33.0, 410.25))
+    img.SetDirection(DIRECTION)
+    return img, zyx
+
+
+@pytest.mark.parametrize(("name", "compress"), [("ct.mhd", False), ("ct.mha", True), ("ct.mhd", True)])
+def test_geometry_and_values_match_itks_own_nifti_export(tmp_path: Path, name: str, compress: bool) -> None:
+    img, _ = itk_image()
+    sitk.WriteImage(img, str(tmp_path / name), compress)
+    sitk.WriteImage(img, str(tmp_path / "ct.nii.gz"))
+    mine, reference = read_volume(tmp_path / name), read_volume(tmp_path / "ct.nii.gz")
+    np.testing.assert_array_equal(mine.array, reference.array)
+    np.testing.assert_allclose(mine.affine, reference.affine, atol=1e-4)
+    assert mine.meta["format"] == "metaimage" and mine.array.dtype == np.float32
+    # a voxel's world position: ITK's (LPS) against ours (RAS+), through our canonical axes
+    lps = np.array(img.TransformIndexToPhysicalPoint((4, 0, 6)))
+    ras_world = lps * [-1, -1, 1]
+    ijk = np.linalg.solve(mine.affine[:3, :3], ras_world - mine.affine[:3, 3])
+    assert np.allclose(ijk, np.round(ijk), atol=1e-4)
+    i, j, k = np.round(ijk).astype(int)
+    assert mine.array[i, j, k] == sitk.GetArrayViewFromImage(img)[6, 0, 4]
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int32", "float32", "float64"])
+def test_element_types(tmp_path: Path, dtype: str) -> None:
+    img, zyx = itk_image(dtype)
+    img.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, 1))
+    sitk.WriteImage(img, str(tmp_path / "v.mhd"))
+    vol = read_volume(tmp_path / "v.mhd")
+    assert vol.array.shape == (5, 6, 7)  # x, y, z; identity LPS becomes x and y flipped in RAS+
+    np.testing.assert_array_equal(vol.array, zyx.T[::-1, ::-1, :].astype(np.float32))
+    assert vol.spacing == pytest.approx((0.7, 0.8, 2.5))
+
+
+def test_resampled_while_reading_like_nifti(tmp_path: Path) -> None:
+    img, _ = itk_image()
+    sitk.WriteImage(img, str(tmp_path / "ct.mhd"))
+    sitk.WriteImage(img, str(tmp_path / "ct.nii.gz"))
+    a = read_volume(tmp_path / "ct.mhd", spacing=(1.5, 1.5, 1.5))
+    b = read_volume(tmp_path / "ct.nii.gz", spacing=(1.5, 1.5, 1.5))
+    np.testing.assert_allclose(a.array, b.array, atol=1e-3)
+    assert a.meta["resampled_from"]["shape"] == b.meta["resampled_from"]["shape"]
+
+
+def test_found_in_a_dataset_folder_without_its_raw_file(tmp_path: Path) -> None:
+    img, _ = itk_image()
+    (tmp_path / "sub").mkdir()
+    sitk.WriteImage(img, str(tmp_path / "sub" / "a.mhd"))
+    sitk.WriteImage(img, str(tmp_path / "b.mha"))
+    assert (tmp_path / "sub" / "a.raw").is_file()
+    assert find_scans(tmp_path) == [tmp_path / "b.mha", tmp_path / "sub" / "a.mhd"]
+
+
+def test_bad_files_are_one_line_errors_naming_the_file(tmp_path: Path) -> None:
+    img, _ = itk_image()
+    sitk.WriteImage(img, str(tmp_path / "gone.mhd"))
+    (tmp_path / "gone.raw").unlink()
+    sitk.WriteImage(img, str(tmp_path / "short.mhd"))
+    raw = tmp_path / "short.raw"
+    raw.write_bytes(raw.read_bytes()[:100])
+    sitk.WriteImage(img, str(tmp_path / "zip.mha"), True)
+    blob = (tmp_path / "zip.mha").read_bytes()
+    (tmp_path / "zip.mha").write_bytes(blob[: len(blob) - 40])
+    (tmp_path / "text.mhd").write_text("this is not a header\n")
+    header = (tmp_path / "gone.mhd").read_text()
+    rgb = header.replace("ElementType", "ElementNumberOfChannels = 3\nElementType")
+    (tmp_path / "rgb.mhd").write_text(rgb)
+    expected = {
+        "gone.mhd": "data file gone.raw is missing",
+        "short.mhd": "truncated MetaImage data",
+        "zip.mha": "compressed MetaImage data",
+        "text.mhd": "not a MetaImage header",
+        "rgb.mhd": "3 channels",
+    }
+    for name, reason in expected.items():
+        with pytest.raises(ScanError) as info:
+            read_volume(tmp_path / name)
+        message = str(info.value)
+        assert name in message and reason in message and "\n" not in message, message
+
+
+def test_another_modality_is_refused_unless_allowed(tmp_path: Path) -> None:
+    img, _ = itk_image()
+    sitk.WriteImage(img, str(tmp_path / "ct.mhd"))
+    header = (tmp_path / "ct.mhd").read_text()
+    (tmp_path / "mr.mhd").write_text("Modality = MET_MOD_MR\n" + header)
+    (tmp_path / "labelled_ct.mhd").write_text("Modality = MET_MOD_CT\n" + header)
+    with pytest.raises(NotCTError, match="modality MR"):
+        read_volume(tmp_path / "mr.mhd")
+    assert read_volume(tmp_path / "mr.mhd", allow_non_ct=True).meta["modality"] == "MR"
+    assert read_volume(tmp_path / "labelled_ct.mhd").meta["modality"] == "CT"
