@@ -151,14 +151,19 @@ def load_sparse(path: str | Path) -> SparseVolume:
 
 
 def content_key(path: str | Path, params: dict[str, Any]) -> str:
-    """Cache key from the scan's bytes (every file of a DICOM folder) and the preprocessing params.
+    """Cache key from the scan's bytes (every file of a DICOM folder, a MetaImage header and its
+    data file) and the preprocessing params.
 
     Hashing content, not mtimes, means a copied or touched dataset still hits the cache, and a
     re-exported scan with the same name does not.
     """
+    from ctsparse.io.metaimage import data_file, is_metaimage_name
+
     h = hashlib.sha256()
     p = Path(path)
     files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    if is_metaimage_name(p) and (data := data_file(p)) is not None and data.is_file():
+        files.append(data)
     for f in files:
         h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
         with open(f, "rb") as fh:

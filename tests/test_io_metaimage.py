@@ -75,6 +75,21 @@ def test_found_in_a_dataset_folder_without_its_raw_file(tmp_path: Path) -> None:
     assert find_scans(tmp_path) == [tmp_path / "b.mha", tmp_path / "sub" / "a.mhd"]
 
 
+def test_the_cache_key_covers_the_data_file(tmp_path: Path) -> None:
+    """A .raw re-exported under an unchanged header is another scan: the preprocessing cache
+    must not hand back the old one."""
+    from ctsparse.sparse_volume import content_key
+
+    img, _ = itk_image()
+    sitk.WriteImage(img, str(tmp_path / "ct.mhd"))
+    before = content_key(tmp_path / "ct.mhd", {})
+    raw = tmp_path / "ct.raw"
+    blob = bytearray(raw.read_bytes())
+    blob[0] ^= 1
+    raw.write_bytes(bytes(blob))
+    assert content_key(tmp_path / "ct.mhd", {}) != before
+
+
 def test_bad_files_are_one_line_errors_naming_the_file(tmp_path: Path) -> None:
     img, _ = itk_image()
     sitk.WriteImage(img, str(tmp_path / "gone.mhd"))

@@ -88,6 +88,19 @@ def _header(path: Path) -> tuple[dict[str, str], int]:
     raise ScanError(path, "not a MetaImage header (no ElementDataFile line)")
 
 
+def data_file(path: str | Path) -> Path | None:
+    """The file beside a .mhd header that holds its voxels (None for LOCAL data or an unreadable
+    header): the scan's content is both files."""
+    try:
+        keys, _ = _header(Path(path))
+    except ScanError:
+        return None
+    source = keys["ElementDataFile"]
+    if source.upper() == "LOCAL" or source.upper().startswith("LIST") or "%" in source:
+        return None
+    return Path(path).parent / source
+
+
 def _numbers(keys: dict[str, str], key: str, n: int, default: Sequence[float], path: Path) -> list[float]:
     if key not in keys:
         return list(default)

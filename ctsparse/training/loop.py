@@ -296,7 +296,9 @@ def _train(
                 save_last(epoch - 1, tr)
                 interrupted, batches_into_next = True, tr.batches_done
                 break
-            ddp.average_bn_buffers(judged, d)
+            ddp.average_bn_buffers(raw, d)
+            if judged is not raw:
+                ddp.average_bn_buffers(judged, d)
             ev = evaluate(judged, val_set or train_set, cfg, dev, loss_fn, classes, dist=d)
             score = -ev["loss"] if cfg.train.metric == "loss" else float(ev[cfg.train.metric])
             improved = _better(score, float(ev["loss"]), best_score, best_loss)
