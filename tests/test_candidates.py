@@ -119,6 +119,17 @@ def test_findings_csv_takes_radius_or_diameter_and_names_the_file_and_line_it_re
     np.testing.assert_array_equal(
         read_findings(tmp_path / "labels.csv")[(tmp_path / "b.nii.gz").resolve()], [[1, 2, 3, 5]]
     )
+    # LPS rows (DICOM/ITK world coordinates, as LUNA16's annotations) come out in RAS+
+    _write(
+        tmp_path / "findings.csv",
+        "path,x_mm,y_mm,z_mm,radius_mm,frame\nb.nii.gz,1,2,3,4,lps\na.nii.gz,1,2,3,4,\n",
+    )
+    got = read_findings(tmp_path)
+    np.testing.assert_array_equal(got[(tmp_path / "b.nii.gz").resolve()], [[-1, -2, 3, 4]])
+    np.testing.assert_array_equal(got[(tmp_path / "a.nii.gz").resolve()], [[1, 2, 3, 4]])
+    _write(tmp_path / "findings.csv", "path,x_mm,y_mm,z_mm,radius_mm,frame\nb.nii.gz,1,2,3,4,xyz\n")
+    with pytest.raises(DatasetError, match="line 2: frame 'xyz'"):
+        read_findings(tmp_path)
     _write(tmp_path / "findings.csv", "path,x_mm,y_mm,radius_mm\nb.nii.gz,1,2,3\n")
     with pytest.raises(DatasetError, match=r"findings.csv.*missing z_mm"):
         read_findings(tmp_path)

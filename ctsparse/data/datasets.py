@@ -167,9 +167,11 @@ def findings_file(data: str | Path) -> Path | None:
 
 def read_findings(data: str | Path) -> dict[Path, npt.NDArray[np.float64]]:
     """Finding positions per scan from DATA/findings.csv: {resolved scan path: (F, 4) rows of
-    x, y, z (mm, RAS+ world coordinates as ctsparse reads the scan, like a NIfTI affine's; negate
-    x and y of LPS coordinates such as LUNA16's) and radius (mm)}. Columns: path, x_mm, y_mm,
-    z_mm and radius_mm or diameter_mm; any others (e.g. finding) are ignored. Empty without it."""
+    x, y, z (mm, RAS+ world coordinates as ctsparse reads the scan, like a NIfTI affine's) and
+    radius (mm)}. Columns: path, x_mm, y_mm, z_mm and radius_mm or diameter_mm; optionally frame,
+    RAS (the default when absent or empty) or LPS for the DICOM/ITK world coordinates that LUNA16's
+    annotations and MetaImage offsets use (x and y are negated); any others (e.g. finding) are
+    ignored. Empty without the file."""
     path = findings_file(data)
     if path is None:
         return {}
@@ -187,6 +189,11 @@ def read_findings(data: str | Path) -> dict[Path, npt.NDArray[np.float64]]:
         except ValueError:
             raise DatasetError(path, f"line {i}: x_mm, y_mm, z_mm and {size} must be numbers") from None
         radius = s / 2 if size == "diameter_mm" else s
+        frame = (r.get("frame") or "RAS").strip().upper()
+        if frame not in ("RAS", "LPS"):
+            raise DatasetError(path, f"line {i}: frame {r.get('frame')!r} is neither RAS nor LPS")
+        if frame == "LPS":
+            x, y = -x, -y
         if not np.isfinite([x, y, z, radius]).all() or radius <= 0:
             raise DatasetError(path, f"line {i}: needs finite coordinates and a positive size")
         scan = _resolve(path.parent, r["path"], path).resolve()
