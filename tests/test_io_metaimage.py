@@ -110,6 +110,7 @@ def test_bad_files_are_one_line_errors_naming_the_file(tmp_path: Path) -> None:
         "zip.mha": "compressed MetaImage data",
         "text.mhd": "not a MetaImage header",
         "rgb.mhd": "3 channels",
+        "short.raw": "pass the MetaImage header",
     }
     for name, reason in expected.items():
         with pytest.raises(ScanError) as info:

@@ -49,6 +49,8 @@ def read_volume(
         from ctsparse.io.nifti import read_nifti
 
         return read_nifti(p, spacing=spacing)
+    if p.is_file() and p.suffix.lower() in (".raw", ".zraw"):
+        raise ScanError(p, "raw voxels without their geometry: pass the MetaImage header (.mhd) naming it")
     if p.is_file() and is_metaimage_name(p):
         from ctsparse.io.metaimage import read_metaimage
 
