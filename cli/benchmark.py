@@ -178,8 +178,8 @@ def benchmark(
             fmt_float(r.get("sparse_over_ideal"), ".1f"),
             fmt_float(r.get("sparse_train_step_s"), ".3f"),
             fmt_float(r.get("dense_train_step_s"), ".3f"),
-            fmt_float(r.get("sparse_forward_mb"), ".0f"),
-            fmt_float(r.get("dense_forward_mb"), ".0f") if "dense_error" not in r else "failed",
+            fmt_float(r.get("sparse_forward_mb"), ".1f"),
+            fmt_float(r.get("dense_forward_mb"), ".1f") if "dense_error" not in r else "failed",
         )
     console.print(table)
     for group, sm in summary.items():

@@ -64,7 +64,7 @@ def main(out: Path) -> None:
     for r in rows:
         mem = ""
         if r.get("sparse_forward_mb") is not None and r.get("dense_forward_mb") is not None:
-            mem = f", forward memory {r['sparse_forward_mb']:.0f} vs {r['dense_forward_mb']:.0f} MB"
+            mem = f", forward memory {r['sparse_forward_mb']:.1f} vs {r['dense_forward_mb']:.1f} MB"
         print(
             f"  sparse vs dense twin, {r['case']} ({100 * r['occupancy']:.0f} % occupancy): "
             f"speed-up {r['speedup']:.2f}x over the dense twin{mem}"
