@@ -129,3 +129,56 @@ def test_another_modality_is_refused_unless_allowed(tmp_path: Path) -> None:
         read_volume(tmp_path / "mr.mhd")
     assert read_volume(tmp_path / "mr.mhd", allow_non_ct=True).meta["modality"] == "MR"
     assert read_volume(tmp_path / "labelled_ct.mhd").meta["modality"] == "CT"
+
+
+def test_a_luna16_shaped_dataset_marks_the_same_balls_as_its_nifti_twin(tmp_path: Path) -> None:
+    """MetaImage scans written by ITK with findings in LPS world coordinates (LUNA16's layout):
+    every candidate ball gets the class it gets from the same phantoms as NIfTI with RAS rows."""
+    import csv
+
+    from ctsparse.candidates import ball_labels, split_balls
+    from ctsparse.config import load_config
+    from ctsparse.data.datasets import discover_dataset, read_findings
+    from ctsparse.data.phantoms import generate_phantoms
+    from ctsparse.sparsify import sparsify
+
+    nifti, meta = tmp_path / "nifti", tmp_path / "mhd"
+    generate_phantoms(nifti, 4, seed=21)
+    meta.mkdir()
+    for scan in sorted(nifti.glob("*.nii.gz")):
+        sitk.WriteImage(sitk.ReadImage(str(scan)), str(meta / scan.name.replace(".nii.gz", ".mhd")))
+    labels = (nifti / "labels.csv").read_text().replace(".nii.gz", ".mhd")
+    (meta / "labels.csv").write_text(labels)
+    with open(nifti / "findings.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    with open(meta / "findings.csv", "w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["seriesuid", "path", "x_mm", "y_mm", "z_mm", "diameter_mm", "frame"])
+        for r in rows:
+            x, y, z, radius = (float(r[k]) for k in ("x_mm", "y_mm", "z_mm", "radius_mm"))
+            out.writerow([r["path"][:-7], r["path"].replace(".nii.gz", ".mhd"), -x, -y, z, 2 * radius, "LPS"])
+    cfg = load_config(
+        None,
+        [
+            "preprocess.spacing=[2.5, 2.5, 2.5]",
+            "preprocess.region=lungs",
+            "preprocess.blob_channel=true",
+            "preprocess.blob_candidates=8",
+            "preprocess.features=hu",
+            "preprocess.patch_size=1",
+        ],
+    ).preprocess
+    found = {d: read_findings(d) for d in (nifti, meta)}
+    samples = {d: discover_dataset(d) for d in (nifti, meta)}
+    assert [s.label for s in samples[nifti]] == [s.label for s in samples[meta]]
+    marked = 0
+    for a, b in zip(samples[nifti], samples[meta], strict=True):
+        labelled = []
+        for d, s in ((nifti, a), (meta, b)):
+            sv = sparsify(read_volume(s.path), cfg)
+            marks = found[d].get(s.path.resolve())
+            sv = sv if marks is None else sv.with_findings(marks)
+            labelled.append(ball_labels(sv, split_balls(sv, 8), 0, 1))
+        assert labelled[0] == labelled[1], a.path.name
+        marked += labelled[0].count(0)
+    assert marked >= 2  # the nodule scans' findings are on balls in both
