@@ -88,7 +88,7 @@ def run_explain(
 def explain(
     checkpoint: Annotated[Path, typer.Argument(help="A best.pt / last.pt written by `ctsparse train`.")],
     inputs: Annotated[
-        list[str], typer.Argument(help="NIfTI files, DICOM folders, dataset folders or globs.")
+        list[str], typer.Argument(help="NIfTI or MetaImage files, DICOM folders, dataset folders or globs.")
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the maps, PNGs and JSONs.")],
     method: Method = "gradcam",

@@ -32,7 +32,10 @@ def predict(
     ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(help="A best.pt / last.pt written by `ctsparse train`.")],
     inputs: Annotated[
-        list[str], typer.Argument(help="NIfTI files, DICOM folders, dataset folders, globs or dicomweb:URL.")
+        list[str],
+        typer.Argument(
+            help="NIfTI or MetaImage files, DICOM folders, dataset folders, globs or dicomweb:URL."
+        ),
     ],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write rows to .csv or .json.")] = None,
     device: options.Device = "auto",

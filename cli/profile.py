@@ -177,7 +177,7 @@ def profile(
     paths: Annotated[
         list[Path],
         typer.Argument(
-            help="Scans: NIfTI files, DICOM files or folders (one row per CT series), dataset "
+            help="Scans: NIfTI or MetaImage files, DICOM files or folders (one row per CT series), dataset "
             "folders or globs."
         ),
     ],
