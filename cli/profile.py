@@ -34,10 +34,9 @@ from .render import (
 
 
 def _slug(path: Path, index: int) -> str:
-    name = path.name
-    for ext in (".nii.gz", ".nii", ".mhd", ".mha", ".dcm"):
-        if name.lower().endswith(ext):
-            name = name[: -len(ext)]
+    from ctsparse.io.discover import scan_stem
+
+    name = scan_stem(path.name)
     return f"{index:03d}_" + (re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "scan")
 
 

@@ -189,8 +189,7 @@ def train(
     # with a plan to come, each --set is checked alone here and the whole config after planning:
     # model.widths=[32,64,128] goes with the depths the plan gives, not with the default ones
     cfg = Config() if planning else load_config(config, overrides)
-    if planning:
-        check_overrides(overrides)
+    asked = check_overrides(overrides) if planning else {}
     if main_rank and not resume:
         from ctsparse.training.run_folder import clear_run
 
@@ -203,7 +202,7 @@ def train(
     elif planning:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would plan (and measure) alone
             raise CtsparseError("under torchrun pass --config (e.g. from `ctsparse plan --out`) or --no-plan")
-        cfg = _plan_run(data, out, device, no_measure, overrides, nproc)
+        cfg = _plan_run(data, out, device, no_measure, overrides, asked, nproc)
         if nproc > 1:
             config = out / PLANNED  # the ranks read the resolved config and never plan themselves
     if nproc > 1:
@@ -273,17 +272,22 @@ def train(
 
 
 def _plan_run(
-    data: Path, out: Path, device: str, no_measure: bool, overrides: list[str], nproc: int
+    data: Path,
+    out: Path,
+    device: str,
+    no_measure: bool,
+    overrides: list[str],
+    asked: dict[str, Any],
+    nproc: int,
 ) -> Config:
-    """Plan, show the plan, write OUT/plan.json (and, for --nproc, OUT/planned.yaml); the config."""
-    from ctsparse.config import check_overrides
+    """Plan, show the plan, write OUT/plan.json (and, for --nproc, OUT/planned.yaml); the config.
+    `asked`: the --set items, each checked alone (config.check_overrides)."""
     from ctsparse.plan import plan_dataset, plan_record, plan_yaml, resolve_config, write_plan_json
 
     for f in PLAN_FILES:  # from an earlier run in this folder
         (out / f).unlink(missing_ok=True)
     with planning_status() as on_event:
         # a time budget given on the command line is what the schedule is planned for
-        asked = check_overrides(overrides)
         # so is a choice of scan labels: the rest of the plan (grid, batches) follows it
         scan_labels = asked.get("model.candidates", -1) == 0
         planning = plan_dataset(

@@ -18,8 +18,8 @@ from ctsparse.errors import CtsparseError, ScanError
 from ctsparse.explain.core import class_index, explain_volume
 from ctsparse.explain.methods import METHODS
 from ctsparse.inputs import InputItem, expand_inputs
-from ctsparse.io.metaimage import METAIMAGE_SUFFIXES
-from ctsparse.io.nifti import NIFTI_SUFFIXES, is_nifti_name
+from ctsparse.io.discover import scan_stem
+from ctsparse.io.nifti import is_nifti_name
 
 if TYPE_CHECKING:
     import torch
@@ -148,12 +148,7 @@ def explain_one(
 
 def _stem(item: InputItem, used: set[str]) -> str:
     """A file-name stem for the scan's outputs, unique within the run."""
-    name = item.path.name
-    for suffix in (*NIFTI_SUFFIXES, *METAIMAGE_SUFFIXES):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-    if name.lower().endswith(".dcm"):
-        name = name[:-4]
+    name = scan_stem(item.path.name)
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "scan"
     stem, n = name, 1
     while stem in used:

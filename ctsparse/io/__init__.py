@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ctsparse.errors import ScanError
 from ctsparse.io.discover import find_scans, is_scan_path
-from ctsparse.io.metaimage import is_metaimage_name
+from ctsparse.io.metaimage import METAIMAGE_DATA_SUFFIXES, is_metaimage_name
 from ctsparse.io.nifti import is_nifti_name
 from ctsparse.io.write import write_dicom_series, write_nifti
 from ctsparse.volume import Volume
@@ -49,7 +49,7 @@ def read_volume(
         from ctsparse.io.nifti import read_nifti
 
         return read_nifti(p, spacing=spacing)
-    if p.is_file() and p.suffix.lower() in (".raw", ".zraw"):
+    if p.is_file() and p.suffix.lower() in METAIMAGE_DATA_SUFFIXES:
         raise ScanError(p, "raw voxels without their geometry: pass the MetaImage header (.mhd) naming it")
     if p.is_file() and is_metaimage_name(p):
         from ctsparse.io.metaimage import read_metaimage

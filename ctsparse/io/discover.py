@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 
 from ctsparse.io.dicom_headers import looks_like_dicom, read_header
-from ctsparse.io.metaimage import is_metaimage_name
-from ctsparse.io.nifti import is_nifti_name
+from ctsparse.io.metaimage import METAIMAGE_DATA_SUFFIXES, METAIMAGE_SUFFIXES, is_metaimage_name
+from ctsparse.io.nifti import NIFTI_SUFFIXES, is_nifti_name
 
 
 def is_volume_file_name(path: str | Path) -> bool:
@@ -19,8 +19,12 @@ def is_volume_file_name(path: str | Path) -> bool:
     return is_nifti_name(path) or is_metaimage_name(path)
 
 
-# the data files MetaImage headers point to: never a scan of their own
-_META_DATA_SUFFIXES = (".raw", ".zraw")
+def scan_stem(name: str) -> str:
+    """A scan's file name without its image suffix (.nii.gz, .nii, .mhd, .mha, .dcm)."""
+    for suffix in (*NIFTI_SUFFIXES, *METAIMAGE_SUFFIXES, ".dcm"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def _visible(p: Path) -> bool:
@@ -33,7 +37,7 @@ def _has_dicom_image(files: list[Path]) -> bool:
         if (
             _visible(f)
             and not is_volume_file_name(f)
-            and f.suffix.lower() not in _META_DATA_SUFFIXES
+            and f.suffix.lower() not in METAIMAGE_DATA_SUFFIXES
             and looks_like_dicom(f)
             and not isinstance(read_header(f), str)
         ):

@@ -28,10 +28,12 @@ import numpy as np
 
 from ctsparse.errors import NotCTError, ScanError
 from ctsparse.io.geometry import LPS_RAS
-from ctsparse.io.nifti import oriented_volume
+from ctsparse.io.nifti import oriented_volume, value_warnings
 from ctsparse.volume import Volume
 
 METAIMAGE_SUFFIXES = (".mhd", ".mha")
+# the data files .mhd headers point to: never a scan of their own
+METAIMAGE_DATA_SUFFIXES = (".raw", ".zraw")
 _TYPES = {
     "MET_CHAR": "i1",
     "MET_UCHAR": "u1",
@@ -88,17 +90,22 @@ def _header(path: Path) -> tuple[dict[str, str], int]:
     raise ScanError(path, "not a MetaImage header (no ElementDataFile line)")
 
 
+def _external(path: Path, keys: dict[str, str]) -> Path | None:
+    """The data file the header names, None for LOCAL data (after the header); ScanError for a
+    list of files or a slice pattern."""
+    source = keys["ElementDataFile"]
+    if source.upper().startswith("LIST") or "%" in source:
+        raise ScanError(path, f"MetaImage ElementDataFile {source!r} (one file per slice) is not supported")
+    return None if source.upper() == "LOCAL" else path.parent / source
+
+
 def data_file(path: str | Path) -> Path | None:
     """The file beside a .mhd header that holds its voxels (None for LOCAL data or an unreadable
     header): the scan's content is both files."""
     try:
-        keys, _ = _header(Path(path))
+        return _external(Path(path), _header(Path(path))[0])
     except ScanError:
         return None
-    source = keys["ElementDataFile"]
-    if source.upper() == "LOCAL" or source.upper().startswith("LIST") or "%" in source:
-        return None
-    return Path(path).parent / source
 
 
 def _numbers(keys: dict[str, str], key: str, n: int, default: Sequence[float], path: Path) -> list[float]:
@@ -118,11 +125,9 @@ def _is_true(keys: dict[str, str], key: str) -> bool:
 
 
 def _raw_bytes(path: Path, keys: dict[str, str], data_at: int, n_bytes: int) -> bytes:
-    source = keys["ElementDataFile"]
-    if source.upper().startswith("LIST") or "%" in source:
-        raise ScanError(path, f"MetaImage ElementDataFile {source!r} (one file per slice) is not supported")
-    local = source.upper() == "LOCAL"
-    data_path = path if local else path.parent / source
+    external = _external(path, keys)
+    local = external is None
+    data_path = external or path
     compressed = _is_true(keys, "CompressedData")
     skip = data_at if local else int(float(keys.get("HeaderSize", "0")))
     try:
@@ -178,9 +183,7 @@ def read_metaimage(
     data = np.frombuffer(blob, dtype=dtype).reshape(dims[::-1]).T.astype(np.float32)
     if ndims == 2:
         data = data[:, :, None]
-    bad = ~np.isfinite(data)
-    if bad.any():
-        raise ScanError(path, f"{int(bad.sum())} voxels are NaN or infinite; a CT in HU should have none")
+    warnings = value_warnings(data, path)
 
     size = _numbers(keys, "ElementSpacing", ndims, [1.0] * ndims, path)
     origin = _numbers(keys, "Offset", ndims, [0.0] * ndims, path)
@@ -193,13 +196,10 @@ def read_metaimage(
     affine = LPS_RAS @ lps
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ScanError(path, "the MetaImage geometry (spacing, TransformMatrix) is singular or not finite")
-    warnings: list[str] = []
-    if data.size and float(data.min()) >= 0.0:
-        warnings.append("no negative values: the data may not be in HU (air is about -1000 HU)")
     meta: dict[str, Any] = {
         "format": "metaimage",
         "modality": modality or "unknown",
-        "n_files": 1 if keys["ElementDataFile"].upper() == "LOCAL" else 2,
+        "n_files": 1 if _external(path, keys) is None else 2,
         "warnings": warnings,
         "skipped": [],
     }

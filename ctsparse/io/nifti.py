@@ -70,10 +70,7 @@ def read_nifti(path: str | Path, spacing: Sequence[float] | None = None) -> Volu
             path, f"cannot read NIfTI voxel data: file truncated or corrupt ({_one_line(exc)})"
         ) from None
     data = data.reshape(shape)
-
-    bad = ~np.isfinite(data)
-    if bad.any():
-        raise ScanError(path, f"{int(bad.sum())} voxels are NaN or infinite; a CT in HU should have none")
+    value_notes = value_warnings(data, path)
 
     warnings: list[str] = []
     affine = np.asarray(img.affine, dtype=np.float64)
@@ -83,8 +80,7 @@ def read_nifti(path: str | Path, spacing: Sequence[float] | None = None) -> Volu
     if unit in _UNIT_TO_MM:
         affine[:3, :] *= _UNIT_TO_MM[unit]
         warnings.append(f"spatial units were '{unit}'; converted to mm")
-    if data.size and float(data.min()) >= 0.0:
-        warnings.append("no negative values: the data may not be in HU (air is about -1000 HU)")
+    warnings += value_notes
 
     meta: dict[str, Any] = {
         "format": "nifti",
@@ -96,6 +92,17 @@ def read_nifti(path: str | Path, spacing: Sequence[float] | None = None) -> Volu
         "qform_code": int(img.header["qform_code"]),
     }
     return oriented_volume(data, affine, path, meta, spacing)
+
+
+def value_warnings(data: npt.NDArray[np.float32], path: Path) -> list[str]:
+    """A single-file scan's voxel values: refused with NaN or infinite voxels (see the module
+    docstring); a warning when none is negative (not HU, perhaps)."""
+    bad = ~np.isfinite(data)
+    if bad.any():
+        raise ScanError(path, f"{int(bad.sum())} voxels are NaN or infinite; a CT in HU should have none")
+    if data.size and float(data.min()) >= 0.0:
+        return ["no negative values: the data may not be in HU (air is about -1000 HU)"]
+    return []
 
 
 def oriented_volume(
