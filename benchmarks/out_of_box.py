@@ -9,7 +9,8 @@ For each data seed S:
    that neither the planner nor any default was tuned on (TEST_BASE defaults to 6000; the defaults
    were chosen on data seeds 11-14 and 31-33 and test seeds 12-15 and 32, the blob filter's clip
    on test seed 5000, and the threshold rule on test seeds 6000-6002, so pass data seeds from 3
-   on for a held-out figure; benchmarks/quality.py lists every tuning seed);
+   on for a held-out figure; benchmarks/quality.py lists every tuning seed; data seeds 3-9 with
+   test base 6000 and 15-17 with test base 7000 hold the figures in docs/benchmarks.md);
 3. `ctsparse train WORK/sS/train --out WORK/sS/run` with no config: the planner decides;
 4. `ctsparse evaluate WORK/sS/run/best.pt WORK/sS/test`: accuracy etc. with bootstrap CIs.
 Each step runs in its own process and its wall time is recorded. A data seed whose result.json
