@@ -7,7 +7,6 @@ error row; the others are still reported, and the exit code is 1 if any failed.
 from __future__ import annotations
 
 import dataclasses
-import re
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
@@ -36,8 +35,7 @@ from .render import (
 def _slug(path: Path, index: int) -> str:
     from ctsparse.io.discover import scan_stem
 
-    name = scan_stem(path.name)
-    return f"{index:03d}_" + (re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "scan")
+    return f"{index:03d}_" + scan_stem(path.name)
 
 
 def _write_plots(row: dict[str, Any], cfg: PreprocessConfig, folder: Path, slug: str) -> list[Path]:

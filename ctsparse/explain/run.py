@@ -8,7 +8,6 @@ STEM_METHOD.json. A bad scan becomes an error row and the others are still expla
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -149,7 +148,6 @@ def explain_one(
 def _stem(item: InputItem, used: set[str]) -> str:
     """A file-name stem for the scan's outputs, unique within the run."""
     name = scan_stem(item.path.name)
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "scan"
     stem, n = name, 1
     while stem in used:
         n += 1

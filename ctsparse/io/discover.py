@@ -7,6 +7,7 @@ large dataset is listed fast.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from ctsparse.io.dicom_headers import looks_like_dicom, read_header
@@ -20,11 +21,14 @@ def is_volume_file_name(path: str | Path) -> bool:
 
 
 def scan_stem(name: str) -> str:
-    """A scan's file name without its image suffix (.nii.gz, .nii, .mhd, .mha, .dcm)."""
+    """A file-name stem for a scan's outputs: its file name without the image suffix (.nii.gz,
+    .nii, .mhd, .mha, .dcm), characters other than letters, digits, '.', '_' and '-' made '_'
+    ("scan" when nothing is left)."""
     for suffix in (*NIFTI_SUFFIXES, *METAIMAGE_SUFFIXES, ".dcm"):
         if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+            name = name[: -len(suffix)]
+            break
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "scan"
 
 
 def _visible(p: Path) -> bool:

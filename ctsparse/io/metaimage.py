@@ -124,8 +124,7 @@ def _is_true(keys: dict[str, str], key: str) -> bool:
     return keys.get(key, "False").strip().lower() in ("true", "1", "yes")
 
 
-def _raw_bytes(path: Path, keys: dict[str, str], data_at: int, n_bytes: int) -> bytes:
-    external = _external(path, keys)
+def _raw_bytes(path: Path, keys: dict[str, str], external: Path | None, data_at: int, n_bytes: int) -> bytes:
     local = external is None
     data_path = external or path
     compressed = _is_true(keys, "CompressedData")
@@ -178,7 +177,8 @@ def read_metaimage(
         raise ScanError(path, f"unsupported MetaImage ElementType {kind or '(none)'}")
     dtype = np.dtype(_TYPES[kind]).newbyteorder(">" if _is_true(keys, "BinaryDataByteOrderMSB") else "<")
     n = int(np.prod(dims))
-    blob = _raw_bytes(path, keys, data_at, n * dtype.itemsize)
+    external = _external(path, keys)
+    blob = _raw_bytes(path, keys, external, data_at, n * dtype.itemsize)
     # x varies fastest in the file: read as (z, y, x), then view as (x, y, z)
     data = np.frombuffer(blob, dtype=dtype).reshape(dims[::-1]).T.astype(np.float32)
     if ndims == 2:
@@ -199,7 +199,7 @@ def read_metaimage(
     meta: dict[str, Any] = {
         "format": "metaimage",
         "modality": modality or "unknown",
-        "n_files": 1 if _external(path, keys) is None else 2,
+        "n_files": 1 if external is None else 2,
         "warnings": warnings,
         "skipped": [],
     }
